@@ -1,0 +1,57 @@
+# One target for each thing a person does. Each target sets up what it needs
+# on a fresh Debian 12 machine (apt packages, the venv, pip packages).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Runtime: PortAudio for capture. Tests: mosquitto (+TLS via openssl), sox and
+# ALSA utilities for the virtual microphone.
+APT_RUN := libportaudio2 python3-venv
+APT_TEST := $(APT_RUN) mosquitto mosquitto-clients openssl sox alsa-utils
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: run test pytest bench lint train clean setup-run setup-test setup-train
+
+run: setup-run
+	$(BIN)/soundwatch demo
+
+test: setup-test lint pytest
+
+pytest: setup-test
+	$(BIN)/python -m pytest -q
+
+lint: setup-test
+	$(BIN)/ruff check module tools tests
+	$(BIN)/ruff format --check module tools tests
+	$(BIN)/mypy
+
+bench: setup-train
+	$(BIN)/python -m tools.bench
+
+train: setup-train
+	$(BIN)/python -m tools.train all --out module/soundwatch/models/fan --seed 0
+
+setup-run: $(VENV)/.run-ok
+setup-test: $(VENV)/.test-ok
+setup-train: $(VENV)/.train-ok
+
+$(VENV)/.system-run-ok:
+	tools/setup-system.sh $(APT_RUN)
+	$(PYTHON) -m venv $(VENV)
+	touch $@
+
+$(VENV)/.run-ok: pyproject.toml $(VENV)/.system-run-ok
+	$(BIN)/pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.test-ok: pyproject.toml $(VENV)/.system-run-ok
+	tools/setup-system.sh $(APT_TEST)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+$(VENV)/.train-ok: pyproject.toml $(VENV)/.system-run-ok
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,60 @@
+"""Typed values passed between the streaming stages.
+
+source -> resample -> features -> model -> decision -> sinks. Each stage takes
+and yields these frozen values and knows nothing of its neighbours.
+All stream times come from sample counts, never from the wall clock, so a
+file, a virtual ALSA device and a real microphone behave the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class AudioBlock:
+    """Mono float32 samples and where they sit in the stream.
+
+    ``start_sample`` counts samples at ``sample_rate_hz`` since the source
+    started. ``discontinuity`` is set on the first block after a gap (device
+    reopened, file looped): stages downstream must not join audio across it.
+    """
+
+    samples: npt.NDArray[np.float32] = field(repr=False)
+    start_sample: int
+    sample_rate_hz: int
+    discontinuity: bool = False
+    # Wall-clock time (time.time()) at which the source captured the block's
+    # last sample, when the source knows it; only for reporting.
+    captured_at: float | None = None
+
+    @property
+    def end_sample(self) -> int:
+        return self.start_sample + int(self.samples.shape[0])
+
+
+@dataclass(frozen=True)
+class Level:
+    """Input level of one window."""
+
+    rms_dbfs: float
+    peak_dbfs: float
+    clipping: bool
+    silent: bool
+
+
+@dataclass(frozen=True)
+class SourceHealth:
+    """What a source says about itself; reported in health and the mic view."""
+
+    healthy: bool
+    state: str  # "starting" | "running" | "reopening" | "ended" | "failed"
+    detail: str = ""
+    device: str = ""
+    device_rate_hz: int = 0
+    overflows: int = 0
+    reopens: int = 0
+    samples: int = 0
