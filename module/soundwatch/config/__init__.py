@@ -1,0 +1,314 @@
+"""soundwatch's configuration: one schema, validated at the edge.
+
+Sources of configuration, later ones winning:
+1. the schema's defaults (documented in ``config/default.yaml``);
+2. a YAML file (``--config``), with ``${VAR}`` / ``${VAR:-default}``
+   substituted from the environment (use this for secrets);
+3. ``SOUNDWATCH__SECTION__KEY=value`` environment overrides;
+4. command-line shortcuts (``--source``, ``--hop``, ``--sink``...).
+
+Every error names the key path and, when it came from the file, the line.
+IoT Hub desired properties and MQTT ``set`` patches are the same schema
+arriving another way (:func:`apply_patch`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from soundwatch.config.yamlsrc import (
+    ConfigSyntaxError,
+    Located,
+    apply_env_overrides,
+    line_of,
+    parse_yaml,
+    substitute_env,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "apply_patch",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``problems`` lists ``(key path, line, message)``."""
+
+    def __init__(self, source: str, problems: list[tuple[str, int | None, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [
+            f"{source}:{line}: {key}: {msg}" if line else f"{source}: {key}: {msg}"
+            for key, line, msg in problems
+        ]
+        super().__init__("invalid configuration\n  " + "\n  ".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --- sources -----------------------------------------------------------------
+
+
+class MicSourceConfig(_Strict):
+    type: Literal["mic"] = "mic"
+    device: str | int | None = Field(
+        None, description="device name substring or index; null = system default"
+    )
+    block_s: float = Field(0.1, gt=0, le=2, description="capture block length")
+    preferred_rates_hz: tuple[int, ...] = Field(
+        (48000, 44100, 22050, 16000), description="rates to probe, in order"
+    )
+    watchdog_s: float = Field(5.0, gt=0, description="no samples for this long = unhealthy")
+    flatline_s: float = Field(10.0, gt=0, description="constant signal for this long = unhealthy")
+    queue_blocks: int = Field(100, ge=2, description="capture queue bound (blocks)")
+
+
+class FileSourceConfig(_Strict):
+    type: Literal["file"] = "file"
+    path: Path
+    loop: bool = False
+    realtime: bool = Field(False, description="pace at real time instead of as fast as possible")
+    block_s: float = Field(0.1, gt=0, le=10)
+
+
+class SimulatorSourceConfig(_Strict):
+    type: Literal["simulator"] = "simulator"
+    schedule: str = Field(
+        "normal:20,imbalance:20,normal:15,clogging:20,normal:15,voltage_change:20",
+        description="class:seconds,... played in a loop",
+    )
+    unit: int = Field(6, ge=0, description="simulated fan unit id (6 = the held-out unit)")
+    snr_db: float = Field(6.0, ge=-20, le=40)
+    seed: int = 0
+    rate_hz: int = Field(48000, ge=8000, le=192000)
+    realtime: bool = True
+    loop: bool = True
+    block_s: float = Field(0.1, gt=0, le=10)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_ok(cls, v: str) -> str:
+        from soundwatch.bundle import SEED_CLASSES
+
+        for part in v.split(","):
+            name, _, secs = part.strip().partition(":")
+            if name not in SEED_CLASSES:
+                raise ValueError(f"unknown class {name!r} in schedule (one of {SEED_CLASSES})")
+            try:
+                if float(secs) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    f"schedule item {part!r}: seconds must be a positive number"
+                ) from None
+        return v
+
+
+SourceConfig = Annotated[
+    MicSourceConfig | FileSourceConfig | SimulatorSourceConfig, Field(discriminator="type")
+]
+
+# --- pipeline ----------------------------------------------------------------
+
+
+class ModelConfig(_Strict):
+    bundle: Path | None = Field(None, description="bundle directory; null = the shipped model")
+    threads: int = Field(1, ge=1, le=16)
+
+
+class WindowConfig(_Strict):
+    window_s: float = Field(10.0, ge=1.0, le=60.0, description="window length (model sees 10 s)")
+    hop_s: float = Field(
+        1.0, gt=0, le=60.0, description="hop; rounded to whole STFT frames (1 s -> 0.998 s)"
+    )
+    silence_rms_dbfs: float = Field(-70.0, le=0, description="windows below this RMS are silent")
+
+
+class ClassThreshold(_Strict):
+    on: float = Field(..., gt=0, le=1, description="probability that votes for the class")
+    off: float = Field(..., ge=0, le=1, description="below this the anomaly is over")
+
+    @model_validator(mode="after")
+    def _off_le_on(self) -> ClassThreshold:
+        if self.off > self.on:
+            raise ValueError(f"off ({self.off}) must not exceed on ({self.on})")
+        return self
+
+
+class DecisionConfigModel(_Strict):
+    thresholds: dict[str, ClassThreshold] = Field(
+        default_factory=dict, description="per fault class; missing classes use the bundle's"
+    )
+    confirm_k: int = Field(3, ge=1, description="windows that must agree ...")
+    confirm_n: int = Field(5, ge=1, description="... out of the last N")
+    cooldown_s: float = Field(10.0, ge=0, description="quiet time before the same class re-fires")
+    warmup_windows: int = Field(0, ge=0, description="windows ignored after start or a gap")
+    enabled: bool = Field(True, description="false: state only, no anomaly events")
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> DecisionConfigModel:
+        if self.confirm_k > self.confirm_n:
+            raise ValueError(
+                f"confirm_k ({self.confirm_k}) must not exceed confirm_n ({self.confirm_n})"
+            )
+        return self
+
+
+# --- sinks ---------------------------------------------------------------------
+
+
+class ConsoleSinkConfig(_Strict):
+    type: Literal["console"] = "console"
+    show_state: bool = Field(False, description="also print one line per window")
+
+
+class JsonlSinkConfig(_Strict):
+    type: Literal["jsonl"] = "jsonl"
+    path: Path
+    max_bytes: int = Field(10_000_000, ge=1024)
+    backups: int = Field(5, ge=0)
+    include_state: bool = False
+
+
+SinkConfig = Annotated[ConsoleSinkConfig | JsonlSinkConfig, Field(discriminator="type")]
+
+
+def _default_device_id() -> str:
+    return os.environ.get("IOTEDGE_DEVICEID") or socket.gethostname() or "soundwatch"
+
+
+class Config(_Strict):
+    """The whole configuration. See ``config/default.yaml`` for every key."""
+
+    device_id: str = Field(default_factory=_default_device_id, min_length=1)
+    module_id: str = Field("soundwatch", min_length=1)
+    state_dir: Path = Field(Path("./state"), description="sequence counter, outbox, recordings")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    model: ModelConfig = ModelConfig()
+    source: SourceConfig = SimulatorSourceConfig()
+    window: WindowConfig = WindowConfig()
+    decision: DecisionConfigModel = DecisionConfigModel()
+    sinks: tuple[SinkConfig, ...] = (ConsoleSinkConfig(),)
+
+
+def _yaml_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """Drop pydantic's union-tag segments (``source.mic.x`` -> ``source.x``)."""
+    out: list[int | str] = []
+    for i, part in enumerate(loc):
+        prev = loc[i - 1] if i else None
+        in_union = prev == "source" or (isinstance(prev, int) and i >= 2 and loc[i - 2] == "sinks")
+        if in_union and isinstance(part, str) and part in _UNION_TAGS:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+_UNION_TAGS = {"mic", "file", "simulator", "console", "jsonl"}
+
+
+def _problems(e: ValidationError, located: Located | None) -> list[tuple[str, int | None, str]]:
+    out = []
+    for err in e.errors():
+        loc = _yaml_path(tuple(err["loc"]))
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*loc, "type")  # point at the offending `type:` line
+        key = ".".join(str(p) for p in loc) or "(root)"
+        line = line_of(located.lines, loc) if located else None
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see config/default.yaml)"
+        out.append((key, line, msg))
+    return out
+
+
+def validate(
+    data: Mapping[str, Any], source: str = "<config>", located: Located | None = None
+) -> Config:
+    """Validate plain data into a :class:`Config`, or raise :class:`ConfigError`."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, _problems(e, located)) from None
+
+
+def load_config(
+    path: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read, substitute, override and validate. Raises :class:`ConfigError`."""
+    env = dict(os.environ) if env is None else dict(env)
+    source = str(path) if path else "<defaults>"
+    located: Located | None = None
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(source, [("(file)", None, f"cannot read: {e.strerror or e}")]) from e
+        try:
+            located = parse_yaml(text, source)
+        except ConfigSyntaxError as e:
+            raise ConfigError(source, [("(syntax)", None, str(e))]) from e
+        if located.data is None:
+            located = Located({}, located.lines)
+        if not isinstance(located.data, dict):
+            raise ConfigError(source, [("(root)", 1, "the file must be a mapping of keys")])
+        try:
+            data = substitute_env(located.data, env)
+        except KeyError as e:
+            key = str(e.args[0]).split(":")[0]
+            loc = tuple(key.replace("[", ".").replace("]", "").split("."))
+            raise ConfigError(
+                source, [(key, line_of(located.lines, loc), str(e.args[0]).split(": ", 1)[1])]
+            ) from None
+    data = copy.deepcopy(data)
+    try:
+        apply_env_overrides(data, env)
+    except KeyError as e:
+        raise ConfigError(source, [("(environment)", None, str(e.args[0]))]) from None
+    for key, value in (overrides or {}).items():
+        _merge(data, key.split("."), value)
+    return validate(data, source, located)
+
+
+def _merge(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    cur = data
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[part] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def apply_patch(config: Config, patch: Mapping[str, Any], source: str = "<patch>") -> Config:
+    """A new Config with ``patch`` deep-merged in; all or nothing.
+
+    Used for live changes (MQTT ``set``, IoT Hub desired properties): the
+    patch is validated as a whole and the old config is untouched on error.
+    """
+    base = config.model_dump(mode="json")
+    merged = _deep_merge(base, dict(patch))
+    return validate(merged, source)
+
+
+def _deep_merge(base: Any, patch: Any) -> Any:
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = _deep_merge(base.get(k), v) if k in base else v
+        return out
+    return patch
