@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from soundwatch import __version__
+
+if TYPE_CHECKING:
+    from soundwatch.app import Runtime
+    from soundwatch.config import Config
 
 logger = logging.getLogger("soundwatch")
 
@@ -76,6 +83,158 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_source(text: str) -> dict[str, Any]:
+    kind, _, rest = text.partition(":")
+    if kind == "mic":
+        device: str | int | None = rest or None
+        if rest.isdigit():
+            device = int(rest)
+        return {"type": "mic", "device": device}
+    if kind == "file":
+        if not rest:
+            raise argparse.ArgumentTypeError("file source needs a path: file:PATH")
+        return {"type": "file", "path": rest}
+    if kind == "simulator":
+        return {"type": "simulator", **({"schedule": rest} if rest else {})}
+    raise argparse.ArgumentTypeError(
+        f"unknown source {text!r}: use mic[:DEVICE], file:PATH or simulator[:SCHEDULE]"
+    )
+
+
+def _parse_sink(text: str) -> dict[str, Any]:
+    kind, _, rest = text.partition(":")
+    if kind == "console" and not rest:
+        return {"type": "console"}
+    if kind == "jsonl" and rest:
+        return {"type": "jsonl", "path": rest}
+    raise argparse.ArgumentTypeError(f"unknown sink {text!r}: use console or jsonl:PATH")
+
+
+def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Turn the run/mic shortcuts into config overrides."""
+    out: dict[str, Any] = {}
+    if getattr(args, "source", None):
+        out["source"] = dict(args.source)
+    pacing = getattr(args, "pacing", None)
+    if pacing is not None:
+        kind = out.get("source", {}).get("type")
+        if kind not in ("file", "simulator", None):
+            raise argparse.ArgumentTypeError(
+                "--realtime/--fast apply to file and simulator sources"
+            )
+        out.setdefault("source", {})["realtime"] = pacing == "realtime"
+    if getattr(args, "loop", False):
+        out.setdefault("source", {})["loop"] = True
+    if getattr(args, "hop", None) is not None:
+        out["window.hop_s"] = args.hop
+    if getattr(args, "sink", None):
+        out["sinks"] = list(args.sink)
+    if getattr(args, "state_dir", None):
+        out["state_dir"] = str(args.state_dir)
+    if getattr(args, "bundle", None):
+        out["model.bundle"] = str(args.bundle)
+    return out
+
+
+def _load_config_or_report(args: argparse.Namespace) -> Config | None:
+    from soundwatch.config import ConfigError, load_config
+
+    try:
+        overrides = _cli_overrides(args)
+        return load_config(args.config, overrides=overrides)
+    except (ConfigError, argparse.ArgumentTypeError) as e:
+        print(f"soundwatch: {e}", file=sys.stderr)
+        return None
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        logger.warning("received %s: stopping (flushing sinks)", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _build_runtime(config: Config) -> Runtime | None:
+    from soundwatch.app import Runtime
+    from soundwatch.bundle import BundleError
+    from soundwatch.model import ModelError
+    from soundwatch.sinks import SinkError
+    from soundwatch.sources import SourceError
+
+    try:
+        return Runtime(config)
+    except (BundleError, ModelError) as e:
+        print(f"soundwatch: model: {e}", file=sys.stderr)
+    except SourceError as e:
+        print(f"soundwatch: source: {e}", file=sys.stderr)
+    except SinkError as e:
+        print(f"soundwatch: sink: {e}", file=sys.stderr)
+    return None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _load_config_or_report(args)
+    if config is None:
+        return EXIT_USAGE
+    logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, config.log_level)))
+    runtime = _build_runtime(config)
+    if runtime is None:
+        return EXIT_FAILED
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    logger.info(
+        "running: source=%s hop=%.3f s model=%s sinks=%s",
+        config.source.type,
+        runtime.hop_s,
+        runtime.bundle.model_version,
+        ",".join(s.name for s in runtime.sinks),
+    )
+    return runtime.run(stop)
+
+
+def _cmd_validate_config(args: argparse.Namespace) -> int:
+    from soundwatch.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as e:
+        print(f"soundwatch: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.file}: ok")
+    if args.show:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return EXIT_OK
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from soundwatch.sources import SourceError, list_input_devices
+
+    try:
+        devices = list_input_devices()
+    except SourceError as e:
+        print(f"soundwatch: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(devices, indent=2))
+        return EXIT_OK
+    if not devices:
+        print("no input devices found (is the microphone plugged in? is /dev/snd mapped?)")
+        return EXIT_FAILED
+    print(f"{'idx':>3}  {'name':<40} {'ch':>3} {'default rate':>12}  host API")
+    for d in devices:
+        mark = "*" if d["is_default"] else " "
+        print(
+            f"{d['index']:>3}{mark} {d['name']:<40} {d['max_input_channels']:>3} "
+            f"{d['default_samplerate']:>12.0f}  {d['hostapi']}"
+        )
+    print("(* = default)  use: soundwatch run --source mic:NAME  or  soundwatch mic --device NAME")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="soundwatch",
@@ -97,10 +256,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_bundle(p)
     p.set_defaults(func=_cmd_classify)
 
+    p = sub.add_parser("run", help="run the module: capture, classify, publish")
+    _add_run_options(p, add_bundle)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate-config", help="check a config file; errors name key and line")
+    p.add_argument("file", type=Path)
+    p.add_argument("--show", action="store_true", help="print the effective config")
+    p.set_defaults(func=_cmd_validate_config)
+
+    p = sub.add_parser("devices", help="list audio input devices")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_devices)
+
     p = sub.add_parser("info", help="describe the model bundle")
     add_bundle(p)
     p.set_defaults(func=_cmd_info)
     return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser, add_bundle: Any) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML config file")
+    p.add_argument(
+        "--source",
+        type=_parse_source,
+        help="mic[:DEVICE] | file:PATH | simulator[:SCHEDULE] (overrides the config)",
+    )
+    p.add_argument("--hop", type=float, help="hop in seconds (whole STFT frames; 1 -> 0.998)")
+    p.add_argument(
+        "--sink", type=_parse_sink, action="append", help="console | jsonl:PATH (repeatable)"
+    )
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", dest="pacing", action="store_const", const="realtime")
+    pace.add_argument("--fast", dest="pacing", action="store_const", const="fast")
+    p.add_argument("--loop", action="store_true", help="loop a file source")
+    p.add_argument("--state-dir", type=Path, help="sequence counter, outbox, recordings")
+    add_bundle(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,626 @@
+"""Decision stage: per-window class probabilities in, anomaly events out.
+
+:class:`DecisionState` is an explicit, resettable state machine. It needs no
+model: feed it :class:`WindowResult` values (probabilities plus input level)
+and it returns, per window, zero or more :class:`AnomalyEnded` /
+:class:`AnomalyStarted` values followed by exactly one :class:`WindowState`.
+
+Semantics (K = ``confirm_k``, N = ``confirm_n``, "last N" = the last N windows
+seen since start or :meth:`DecisionState.reset`, fewer at first):
+
+* **Vote.** A window votes for fault class *c* when ``p(c) >= on_threshold[c]``;
+  if several fault classes pass, it votes for the most probable one. The normal
+  class never votes. Windows in warm-up and (with ``suppress_when_silent``)
+  windows flagged silent do not vote.
+* **Present.** Class *c* is present in a window when
+  ``p(c) >= off_threshold[c]`` and the window is not suppressed as silent.
+  Every vote for *c* is also a presence of *c* (``off <= on``).
+* **Start.** An anomaly of *c* starts at the window where at least K of the
+  last N windows voted *c*, provided that window is past warm-up, is not
+  silent, and is not within ``cooldown_s`` (stream time) of the decision that
+  ended the previous anomaly of *c*. If several classes qualify, the one with
+  the most votes wins (ties: the larger summed probability).
+* **End ("cleared").** An active anomaly of *c* ends at the first window where
+  fewer than K of the last N windows have *c* present. This is the start rule
+  with the off threshold (a Schmitt trigger over a K-of-N vote): the start and
+  end conditions can never hold at once, unlike "K of N below off", which for
+  ``2K <= N`` can be true together with the start rule and so flaps. With
+  ``K == N`` a single window below the off threshold ends the anomaly.
+* **End ("class_change").** If another fault class *d* qualifies to start while
+  *c* is active, *c* ends and *d* starts on the same window (ended first).
+* **End ("reset" / "stream_end").** :meth:`~DecisionState.reset` (called by the
+  pipeline on a source discontinuity) and :meth:`~DecisionState.finish` close
+  an active anomaly and return its :class:`AnomalyEnded`; an anomaly is never
+  dropped silently.
+* **Span.** An anomaly's windows run from its first confirming window (the
+  earliest window among the last N that voted *c*) through the last window in
+  which *c* was present. ``stream_start_s``/``stream_end_s``, wall times,
+  ``probability_max``/``probability_mean`` (of *c*), ``mean_probabilities``
+  (every class) and the aggregated level are over those windows. A started
+  report covers the span up to the confirming window; the ended report covers
+  the whole anomaly. Because windows are long and overlap, the span is "stream
+  time the evidence covers", and ``duration_s`` is at least one window long.
+  ``decided_stream_s`` is the end of the window at which the decision was made
+  (an end is decided up to N windows after the anomaly's last present window).
+* **Warm-up.** The first ``warmup_windows`` windows after construction or
+  :meth:`~DecisionState.reset` emit state but do not vote, so the first
+  possible start is at window ``warmup_windows + K``.
+* **Cooldown.** Every end of *c* starts *c*'s cooldown; cooldowns survive
+  :meth:`~DecisionState.reset` (so a flapping source cannot flood events) but
+  not :meth:`~DecisionState.finish`. Votes still count during a cooldown, so a
+  fault that persists starts again as soon as it expires. If stream time goes
+  backwards (a source that restarts its clock), the cooldown no longer applies.
+* **Silence.** With ``suppress_when_silent`` a silent window neither votes nor
+  counts as present: a machine that falls silent ends its anomaly rather than
+  keeping it open on whatever the model says about silence. Clipping is only
+  reported, never acted on.
+
+All times are stream times from sample counts, so results do not depend on the
+wall clock. A :class:`DecisionState` is owned by one pipeline thread; its
+:attr:`~DecisionState.current` snapshot may be read from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, TypeAlias
+
+from soundwatch.stream_types import Level
+
+logger = logging.getLogger(__name__)
+
+EndReason = Literal["cleared", "class_change", "reset", "stream_end"]
+
+# Model outputs are softmax/dequantised values; allow float rounding slightly
+# outside [0, 1] but refuse anything that signals a wiring error.
+_PROBABILITY_SLACK = 1e-3
+
+
+class DecisionConfigError(ValueError):
+    """The decision configuration is inconsistent; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """The model's verdict on one window, with where the window sits.
+
+    ``start_s``/``end_s`` are stream times (sample counts / rate since the
+    source started). ``captured_at`` is the wall-clock time (``time.time()``)
+    of the window's last sample when the source knows it.
+    ``probabilities`` follow :attr:`DecisionConfig.class_names`.
+    """
+
+    index: int
+    start_s: float
+    end_s: float
+    probabilities: tuple[float, ...]
+    level: Level
+    captured_at: float | None = None
+
+    @property
+    def wall_start(self) -> float | None:
+        """Wall-clock time of the window's first sample, if known."""
+        if self.captured_at is None:
+            return None
+        return self.captured_at - (self.end_s - self.start_s)
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    """Controls of the decision stage; validated on construction.
+
+    ``on_threshold``/``off_threshold`` override ``default_on_threshold``/
+    ``default_off_threshold`` per fault class. Every fault class must end up
+    with ``0 < off <= on <= 1``; ``1 <= confirm_k <= confirm_n``.
+    """
+
+    class_names: tuple[str, ...]
+    normal_class: str = "normal"
+    on_threshold: Mapping[str, float] = field(default_factory=dict, hash=False)
+    off_threshold: Mapping[str, float] = field(default_factory=dict, hash=False)
+    default_on_threshold: float = 0.7
+    default_off_threshold: float = 0.5
+    confirm_k: int = 3
+    confirm_n: int = 5
+    cooldown_s: float = 30.0
+    warmup_windows: int = 2
+    suppress_when_silent: bool = True
+
+    def __post_init__(self) -> None:
+        # Freeze the mappings so a config cannot change under a running state.
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "on_threshold", MappingProxyType(dict(self.on_threshold)))
+        object.__setattr__(self, "off_threshold", MappingProxyType(dict(self.off_threshold)))
+        problems = self._problems()
+        if problems:
+            raise DecisionConfigError("invalid decision config: " + "; ".join(problems))
+
+    @property
+    def fault_classes(self) -> tuple[str, ...]:
+        """Every class except the normal one, in model order."""
+        return tuple(c for c in self.class_names if c != self.normal_class)
+
+    def on_for(self, class_name: str) -> float:
+        """The on (start) threshold of a fault class."""
+        return float(self.on_threshold.get(class_name, self.default_on_threshold))
+
+    def off_for(self, class_name: str) -> float:
+        """The off (presence) threshold of a fault class."""
+        return float(self.off_threshold.get(class_name, self.default_off_threshold))
+
+    def _problems(self) -> list[str]:
+        p: list[str] = []
+        names = self.class_names
+        if len(set(names)) != len(names):
+            p.append(f"class_names {list(names)} contain duplicates")
+        if self.normal_class not in names:
+            p.append(f"normal_class {self.normal_class!r} is not one of class_names {list(names)}")
+        if not self.fault_classes:
+            p.append("class_names need at least one fault class besides the normal class")
+        for label, mapping in (
+            ("on_threshold", self.on_threshold),
+            ("off_threshold", self.off_threshold),
+        ):
+            for name in mapping:
+                if name == self.normal_class:
+                    p.append(
+                        f"{label} names the normal class {name!r}; it never starts an "
+                        "anomaly, remove it"
+                    )
+                elif name not in names:
+                    p.append(
+                        f"{label} names unknown class {name!r}; known: {list(self.fault_classes)}"
+                    )
+        for name in self.fault_classes:
+            on, off = self.on_for(name), self.off_for(name)
+            if not (0.0 < on <= 1.0):
+                p.append(f"on threshold of {name!r} is {on}; it must be in (0, 1]")
+            if not (0.0 < off <= 1.0):
+                p.append(f"off threshold of {name!r} is {off}; it must be in (0, 1]")
+            elif off > on:
+                p.append(
+                    f"off threshold of {name!r} ({off}) is above its on threshold ({on}); "
+                    "hysteresis needs off <= on"
+                )
+        if (
+            isinstance(self.confirm_k, bool)
+            or not isinstance(self.confirm_k, int)
+            or self.confirm_k < 1
+        ):
+            p.append(f"confirm_k is {self.confirm_k!r}; it must be an integer >= 1")
+        if (
+            isinstance(self.confirm_n, bool)
+            or not isinstance(self.confirm_n, int)
+            or self.confirm_n < 1
+        ):
+            p.append(f"confirm_n is {self.confirm_n!r}; it must be an integer >= 1")
+        elif isinstance(self.confirm_k, int) and self.confirm_k > self.confirm_n:
+            p.append(
+                f"confirm_k ({self.confirm_k}) is larger than confirm_n ({self.confirm_n}); "
+                "K of the last N windows needs K <= N"
+            )
+        if not (math.isfinite(self.cooldown_s) and self.cooldown_s >= 0):
+            p.append(f"cooldown_s is {self.cooldown_s}; it must be a finite number >= 0")
+        if (
+            isinstance(self.warmup_windows, bool)
+            or not isinstance(self.warmup_windows, int)
+            or self.warmup_windows < 0
+        ):
+            p.append(f"warmup_windows is {self.warmup_windows!r}; it must be an integer >= 0")
+        return p
+
+
+@dataclass(frozen=True)
+class AnomalyReport:
+    """What is known about one anomaly over its span (see the module docstring)."""
+
+    anomaly_id: str
+    class_name: str
+    first_window_index: int
+    last_window_index: int
+    window_count: int
+    stream_start_s: float
+    stream_end_s: float
+    wall_start: float | None
+    wall_end: float | None
+    probability_max: float
+    probability_mean: float
+    mean_probabilities: tuple[float, ...]
+    level: Level
+    decided_stream_s: float
+
+    @property
+    def duration_s(self) -> float:
+        """Stream time covered by the anomaly's windows."""
+        return self.stream_end_s - self.stream_start_s
+
+
+@dataclass(frozen=True)
+class AnomalyStarted(AnomalyReport):
+    """An anomaly was confirmed; the span runs up to the confirming window."""
+
+
+@dataclass(frozen=True)
+class AnomalyEnded(AnomalyReport):
+    """An anomaly is over; same ``anomaly_id`` as its :class:`AnomalyStarted`."""
+
+    reason: EndReason
+
+
+@dataclass(frozen=True)
+class WindowState:
+    """The per-window state for dashboards, after this window's decisions."""
+
+    window: WindowResult
+    top_class: str
+    vote: str | None
+    active_class: str | None
+    anomaly_id: str | None
+    warming_up: bool
+
+
+DecisionOutput: TypeAlias = AnomalyStarted | AnomalyEnded | WindowState
+
+
+@dataclass(frozen=True)
+class DecisionSnapshot:
+    """A read-only view of the decision state, safe to read from any thread."""
+
+    active_class: str | None = None
+    anomaly_id: str | None = None
+    active_since_s: float | None = None
+    active_since_wall: float | None = None
+    windows_seen: int = 0
+    warming_up: bool = True
+    last_window_index: int | None = None
+
+
+class _Span:
+    """Running aggregates over a run of windows, for one class."""
+
+    def __init__(self, class_idx: int, n_classes: int) -> None:
+        self.class_idx = class_idx
+        self.first: WindowResult | None = None
+        self.last: WindowResult | None = None
+        self.count = 0
+        self.prob_sums = [0.0] * n_classes
+        self.max_p = 0.0
+        self.power_sum = 0.0
+        self.peak_dbfs = -math.inf
+        self.clipping = False
+        self.silent = True
+
+    def add(self, w: WindowResult) -> None:
+        if self.first is None:
+            self.first = w
+        self.last = w
+        self.count += 1
+        for i, p in enumerate(w.probabilities):
+            self.prob_sums[i] += p
+        self.max_p = max(self.max_p, w.probabilities[self.class_idx])
+        # Average RMS as power, the way a level meter over the span would.
+        self.power_sum += 10.0 ** (w.level.rms_dbfs / 10.0)
+        self.peak_dbfs = max(self.peak_dbfs, w.level.peak_dbfs)
+        self.clipping = self.clipping or w.level.clipping
+        self.silent = self.silent and w.level.silent
+
+    def absorb(self, later: _Span) -> None:
+        """Append a span of windows that came after this one."""
+        if later.first is None:
+            return
+        if self.first is None:
+            self.first = later.first
+        self.last = later.last
+        self.count += later.count
+        self.prob_sums = [a + b for a, b in zip(self.prob_sums, later.prob_sums, strict=True)]
+        self.max_p = max(self.max_p, later.max_p)
+        self.power_sum += later.power_sum
+        self.peak_dbfs = max(self.peak_dbfs, later.peak_dbfs)
+        self.clipping = self.clipping or later.clipping
+        self.silent = self.silent and later.silent
+
+    def level(self) -> Level:
+        mean_power = self.power_sum / self.count
+        return Level(
+            rms_dbfs=10.0 * math.log10(mean_power) if mean_power > 0 else -math.inf,
+            peak_dbfs=self.peak_dbfs,
+            clipping=self.clipping,
+            silent=self.silent,
+        )
+
+
+@dataclass
+class _Active:
+    anomaly_id: str
+    class_idx: int
+    # Windows through the last one where the class was present ...
+    committed: _Span
+    # ... and the windows after it, which join the span only if the class is
+    # present again before the anomaly ends.
+    pending: _Span
+
+
+class DecisionState:
+    """The decision state machine (semantics in the module docstring).
+
+    ``new_anomaly_id`` makes anomaly ids (default: uuid4 strings); tests may
+    inject a deterministic one.
+    """
+
+    def __init__(
+        self,
+        config: DecisionConfig,
+        *,
+        new_anomaly_id: Callable[[], str] | None = None,
+    ) -> None:
+        self._config = config
+        self._new_id = new_anomaly_id or (lambda: str(uuid.uuid4()))
+        names = config.class_names
+        self._names = names
+        self._normal_idx = names.index(config.normal_class)
+        self._fault_idx = tuple(i for i, n in enumerate(names) if i != self._normal_idx)
+        self._set_thresholds(config)
+        # class index -> (stream time the end was decided, cooldown end)
+        self._cooldowns: dict[int, tuple[float, float]] = {}
+        self._history: deque[tuple[WindowResult, int | None]]
+        self._windows_seen: int
+        self._active: _Active | None
+        self._last_window: WindowResult | None
+        self._snapshot: DecisionSnapshot
+        self._clear()
+
+    def _set_thresholds(self, config: DecisionConfig) -> None:
+        names = config.class_names
+        self._on = tuple(
+            config.on_for(n) if i != self._normal_idx else math.inf for i, n in enumerate(names)
+        )
+        self._off = tuple(
+            config.off_for(n) if i != self._normal_idx else math.inf for i, n in enumerate(names)
+        )
+
+    @property
+    def config(self) -> DecisionConfig:
+        return self._config
+
+    def reconfigure(self, config: DecisionConfig) -> None:
+        """Apply new controls live (a config patch), keeping the stream's state.
+
+        The active anomaly, the recent windows and cooldowns are kept; the new
+        thresholds and K/N apply from the next window. Votes already recorded
+        keep the thresholds they were cast under.
+        """
+        if (config.class_names, config.normal_class) != (
+            self._config.class_names,
+            self._config.normal_class,
+        ):
+            raise DecisionConfigError("reconfigure cannot change the classes")
+        self._config = config
+        self._set_thresholds(config)
+        self._history = deque(self._history, maxlen=config.confirm_n)
+
+    @property
+    def current(self) -> DecisionSnapshot:
+        """The state after the last window (replaced atomically, never mutated)."""
+        return self._snapshot
+
+    def update(self, window: WindowResult) -> list[DecisionOutput]:
+        """Decide on one window.
+
+        Returns, in order: an :class:`AnomalyEnded` if an anomaly ended, an
+        :class:`AnomalyStarted` if one started, and always one
+        :class:`WindowState` last. Raises ``ValueError`` if the probabilities do
+        not match the configured classes.
+        """
+        self._check(window)
+        cfg = self._config
+        probs = window.probabilities
+        self._windows_seen += 1
+        warming = self._windows_seen <= cfg.warmup_windows
+        muted = cfg.suppress_when_silent and window.level.silent
+        vote = None if warming or muted else self._vote(probs)
+        self._history.append((window, vote))
+        self._last_window = window
+        out: list[DecisionOutput] = []
+
+        active = self._active
+        if active is not None:
+            c = active.class_idx
+            if self._present(window, c):
+                active.committed.absorb(active.pending)
+                active.committed.add(window)
+                active.pending = _Span(c, len(self._names))
+            else:
+                active.pending.add(window)
+            if sum(self._present(w, c) for w, _ in self._history) < cfg.confirm_k:
+                out.append(self._end(window, "cleared"))
+
+        if not warming and not muted:
+            candidate = self._candidate(window)
+            if candidate is not None:
+                if self._active is not None:
+                    out.append(self._end(window, "class_change"))
+                out.append(self._start(candidate, window))
+
+        active = self._active
+        out.append(
+            WindowState(
+                window=window,
+                top_class=self._names[max(range(len(probs)), key=probs.__getitem__)],
+                vote=None if vote is None else self._names[vote],
+                active_class=None if active is None else self._names[active.class_idx],
+                anomaly_id=None if active is None else active.anomaly_id,
+                warming_up=warming,
+            )
+        )
+        self._publish_snapshot(warming=warming)
+        return out
+
+    def reset(self) -> list[AnomalyEnded]:
+        """Forget the stream (after a source discontinuity); warm-up starts again.
+
+        Returns the :class:`AnomalyEnded` (reason ``"reset"``) of the anomaly
+        that was active, if any. Cooldowns are kept.
+        """
+        out = self._close("reset")
+        self._clear()
+        return out
+
+    def finish(self) -> list[AnomalyEnded]:
+        """The stream ended: close any active anomaly (reason ``"stream_end"``).
+
+        Afterwards the state is as new (cooldowns included), ready for another
+        stream.
+        """
+        out = self._close("stream_end")
+        self._clear()
+        self._cooldowns.clear()
+        return out
+
+    # -- internals ---------------------------------------------------------
+
+    def _clear(self) -> None:
+        self._history = deque(maxlen=self._config.confirm_n)
+        self._windows_seen = 0
+        self._active = None
+        self._last_window = None
+        self._publish_snapshot(warming=self._config.warmup_windows > 0)
+
+    def _close(self, reason: EndReason) -> list[AnomalyEnded]:
+        if self._active is None or self._last_window is None:
+            return []
+        ended = self._end(self._last_window, reason)
+        logger.info("anomaly %s closed on %s", ended.class_name, reason)
+        return [ended]
+
+    def _check(self, window: WindowResult) -> None:
+        probs = window.probabilities
+        if len(probs) != len(self._names):
+            raise ValueError(
+                f"window {window.index}: {len(probs)} probabilities for "
+                f"{len(self._names)} classes {list(self._names)}"
+            )
+        for name, p in zip(self._names, probs, strict=True):
+            if not (math.isfinite(p) and -_PROBABILITY_SLACK <= p <= 1.0 + _PROBABILITY_SLACK):
+                raise ValueError(f"window {window.index}: p({name}) = {p} is not a probability")
+
+    def _vote(self, probs: tuple[float, ...]) -> int | None:
+        best: int | None = None
+        for i in self._fault_idx:
+            if probs[i] >= self._on[i] and (best is None or probs[i] > probs[best]):
+                best = i
+        return best
+
+    def _present(self, window: WindowResult, class_idx: int) -> bool:
+        if self._config.suppress_when_silent and window.level.silent:
+            return False
+        return window.probabilities[class_idx] >= self._off[class_idx]
+
+    def _in_cooldown(self, class_idx: int, now_s: float) -> bool:
+        entry = self._cooldowns.get(class_idx)
+        if entry is None:
+            return False
+        ended_s, until_s = entry
+        return ended_s <= now_s < until_s
+
+    def _candidate(self, window: WindowResult) -> int | None:
+        """The fault class that qualifies to start on this window, if any."""
+        votes: dict[int, int] = {}
+        weight: dict[int, float] = {}
+        for w, v in self._history:
+            if v is not None:
+                votes[v] = votes.get(v, 0) + 1
+                weight[v] = weight.get(v, 0.0) + w.probabilities[v]
+        active = None if self._active is None else self._active.class_idx
+        qualified = [
+            c
+            for c, n in votes.items()
+            if n >= self._config.confirm_k
+            and c != active
+            and not self._in_cooldown(c, window.end_s)
+        ]
+        if not qualified:
+            return None
+        return max(qualified, key=lambda c: (votes[c], weight[c]))
+
+    def _start(self, class_idx: int, window: WindowResult) -> AnomalyStarted:
+        n = len(self._names)
+        committed, pending = _Span(class_idx, n), _Span(class_idx, n)
+        started = False
+        for w, v in self._history:
+            started = started or v == class_idx
+            if not started:
+                continue
+            if self._present(w, class_idx):
+                committed.absorb(pending)
+                committed.add(w)
+                pending = _Span(class_idx, n)
+            else:
+                pending.add(w)
+        active = _Active(self._new_id(), class_idx, committed, pending)
+        self._active = active
+        report = AnomalyStarted(**self._report_fields(active, window))
+        logger.info(
+            "anomaly started: %s at window %d (stream %.1f-%.1f s, p_max %.2f)",
+            report.class_name,
+            window.index,
+            report.stream_start_s,
+            report.stream_end_s,
+            report.probability_max,
+        )
+        return report
+
+    def _end(self, window: WindowResult, reason: EndReason) -> AnomalyEnded:
+        active = self._active
+        assert active is not None  # callers check
+        report = AnomalyEnded(**self._report_fields(active, window), reason=reason)
+        self._cooldowns[active.class_idx] = (window.end_s, window.end_s + self._config.cooldown_s)
+        self._active = None
+        logger.info(
+            "anomaly ended (%s): %s at window %d (stream %.1f-%.1f s)",
+            reason,
+            report.class_name,
+            window.index,
+            report.stream_start_s,
+            report.stream_end_s,
+        )
+        return report
+
+    def _report_fields(self, active: _Active, window: WindowResult) -> dict[str, Any]:
+        span = active.committed
+        assert span.first is not None and span.last is not None  # a span starts with a vote
+        c = active.class_idx
+        return {
+            "anomaly_id": active.anomaly_id,
+            "class_name": self._names[c],
+            "first_window_index": span.first.index,
+            "last_window_index": span.last.index,
+            "window_count": span.count,
+            "stream_start_s": span.first.start_s,
+            "stream_end_s": span.last.end_s,
+            "wall_start": span.first.wall_start,
+            "wall_end": span.last.captured_at,
+            "probability_max": span.max_p,
+            "probability_mean": span.prob_sums[c] / span.count,
+            "mean_probabilities": tuple(s / span.count for s in span.prob_sums),
+            "level": span.level(),
+            "decided_stream_s": window.end_s,
+        }
+
+    def _publish_snapshot(self, *, warming: bool) -> None:
+        active = self._active
+        first = None if active is None else active.committed.first
+        self._snapshot = DecisionSnapshot(
+            active_class=None if active is None else self._names[active.class_idx],
+            anomaly_id=None if active is None else active.anomaly_id,
+            active_since_s=None if first is None else first.start_s,
+            active_since_wall=None if first is None else first.wall_start,
+            windows_seen=self._windows_seen,
+            warming_up=warming,
+            last_window_index=None if self._last_window is None else self._last_window.index,
+        )
