@@ -12,25 +12,31 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import soundfile as sf
 
 from soundwatch.bundle import Bundle, load_bundle
 from soundwatch.config import Config, ConfigError, apply_patch
 from soundwatch.decision import DecisionConfig, DecisionConfigError, DecisionState, WindowResult
 from soundwatch.events import EventFactory, SequenceCounter
-from soundwatch.features import FeatureExtractor
+from soundwatch.features import FeatureExtractor, FeatureSpec
 from soundwatch.model import Classifier
 from soundwatch.resample import StreamResampler
 from soundwatch.sinks import Sink, make_sink
 from soundwatch.sources import Source, open_source
 from soundwatch.stream_types import AudioBlock, SourceHealth
-from soundwatch.windowing import FeatureWindow, StreamingFeatures, hop_frames_for
+from soundwatch.windowing import FeatureWindow, StreamingFeatures, hop_frames_for, window_level
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +120,9 @@ class Runtime:
         self._pending: set[Future[None]] = set()
         self._running = False
         self._ended = False
+        self.block_peak_dbfs = float("-inf")
+        self.block_rms_dbfs = float("-inf")
+        self.recorder = Recorder(config.record_dir) if config.record_dir else None
 
     # --- what the edges use ------------------------------------------------
 
@@ -198,15 +207,14 @@ class Runtime:
         flushes and closes the sinks. Returns a process exit code.
         """
         self._running = True
-        resampler: StreamResampler | None = None
-        rate = self.bundle.spec.sample_rate_hz
+        resampler: ResampleChain | None = None
         try:
             for block in self.source.blocks(stop):
                 if resampler is None or resampler.in_rate_hz != block.sample_rate_hz:
                     if resampler is not None:
                         logger.info("source rate changed to %d Hz", block.sample_rate_hz)
                         block = _with_discontinuity(block)
-                    resampler = StreamResampler(block.sample_rate_hz, rate)
+                    resampler = ResampleChain(block.sample_rate_hz, self.bundle.spec)
                 self._process(resampler.process(block))
             if resampler is not None:
                 self._process(resampler.flush())
@@ -230,6 +238,9 @@ class Runtime:
         )
 
     def _process(self, block: AudioBlock) -> None:
+        if block.samples.size:
+            level = window_level(block.samples, self.config.window.silence_rms_dbfs)
+            self.block_peak_dbfs, self.block_rms_dbfs = level.peak_dbfs, level.rms_dbfs
         if block.discontinuity:
             with self._lock:
                 closing = self._decision.reset()
@@ -265,6 +276,8 @@ class Runtime:
                 self._latest_state = message
             elif not enabled:
                 continue
+            elif message["type"] == "anomaly_started" and self.recorder is not None:
+                self.recorder.save(window, message)
             self._publish(message)
 
     def _publish(self, message: dict[str, Any]) -> None:
@@ -294,6 +307,57 @@ class Runtime:
                 sink.close(CLOSE_TIMEOUT_S)
             except Exception:
                 logger.exception("closing sink %s failed", sink.name)
+
+
+class ResampleChain:
+    """Source rate -> (training rate, when the source is faster) -> model rate."""
+
+    def __init__(self, in_rate_hz: int, spec: FeatureSpec) -> None:
+        self.in_rate_hz = in_rate_hz
+        via = spec.via_rate_hz(in_rate_hz)
+        rates = [in_rate_hz, *([via] if via else []), spec.sample_rate_hz]
+        self._stages = [StreamResampler(a, b) for a, b in itertools.pairwise(rates)]
+
+    def process(self, block: AudioBlock) -> AudioBlock:
+        for stage in self._stages:
+            block = stage.process(block)
+        return block
+
+    def flush(self) -> AudioBlock:
+        block = self._stages[0].flush()
+        for stage in self._stages[1:]:
+            block = stage.process(block)
+            tail = stage.flush()
+            block = AudioBlock(
+                np.concatenate([block.samples, tail.samples]),
+                block.start_sample,
+                block.sample_rate_hz,
+                block.discontinuity,
+                block.captured_at,
+            )
+        return block
+
+
+class Recorder:
+    """Saves the windows that started anomalies as WAV files plus the event JSON."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def save(self, window: FeatureWindow, event: Mapping[str, Any]) -> Path | None:
+        if window.samples is None:
+            return None
+        stem = f"{event.get('seq', 0):08d}_{event.get('class')}_{window.start_s:.1f}s"
+        path = self.directory / f"{stem}.wav"
+        try:
+            sf.write(path, window.samples, window.sample_rate_hz, subtype="PCM_16")
+            (self.directory / f"{stem}.json").write_text(json.dumps(event, indent=2) + "\n")
+        except (OSError, sf.LibsndfileError) as e:  # a full disk must not stop detection
+            logger.error("could not record %s: %s", path, e)
+            return None
+        logger.info("recorded event window to %s", path)
+        return path
 
 
 def _with_discontinuity(block: AudioBlock) -> AudioBlock:

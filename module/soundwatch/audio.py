@@ -56,11 +56,13 @@ def decode_audio(
     source: str | Path | bytes | BinaryIO,
     target_rate_hz: int,
     max_seconds: float | None = None,
+    via_rate_hz: int | None = None,
 ) -> Clip:
     """Decode WAV, FLAC, OGG (anything libsndfile reads) into a :class:`Clip`.
 
     Only the first ``max_seconds`` are decoded when given, so an hour-long
-    upload costs no more than the window the model looks at.
+    upload costs no more than the window the model looks at. ``via_rate_hz``
+    band-limits input that is faster than it (see ``FeatureSpec.train_rate_hz``).
     Raises :class:`AudioError` for unreadable, empty, silent or non-finite input.
     """
     handle: str | BinaryIO = (
@@ -85,7 +87,11 @@ def decode_audio(
     peak = float(np.max(np.abs(mono)))
     if dbfs(peak) < SILENCE_PEAK_DBFS:
         raise AudioError(f"audio is silent (peak {dbfs(peak):.1f} dBFS)")
-    samples = resample(mono, rate, target_rate_hz)
+    if via_rate_hz is not None and rate > via_rate_hz:
+        mono, rate_now = resample(mono, rate, via_rate_hz), via_rate_hz
+    else:
+        rate_now = rate
+    samples = resample(mono, rate_now, target_rate_hz)
     return Clip(
         samples=samples,
         sample_rate_hz=target_rate_hz,

@@ -77,8 +77,12 @@ class ClipClassifier:
     def classify_source(self, source: str | Path | bytes | BinaryIO) -> Classification:
         """Classify a file path, bytes or a binary stream; raises AudioError on bad input."""
         t0 = time.perf_counter()
+        spec = self.bundle.spec
         clip = decode_audio(
-            source, self.bundle.spec.sample_rate_hz, max_seconds=self.window_s + _DECODE_MARGIN_S
+            source,
+            spec.sample_rate_hz,
+            max_seconds=self.window_s + _DECODE_MARGIN_S,
+            via_rate_hz=spec.train_rate_hz,
         )
         t1 = time.perf_counter()
         return self.classify_clip(clip, decode_ms=(t1 - t0) * 1e3)

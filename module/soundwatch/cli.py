@@ -17,6 +17,7 @@ from soundwatch import __version__
 if TYPE_CHECKING:
     from soundwatch.app import Runtime
     from soundwatch.config import Config
+    from soundwatch.micview import MicSnapshot
 
 logger = logging.getLogger("soundwatch")
 
@@ -127,7 +128,7 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out.setdefault("source", {})["loop"] = True
     if getattr(args, "hop", None) is not None:
         out["window.hop_s"] = args.hop
-    if getattr(args, "sink", None):
+    if getattr(args, "sink", None) is not None:
         out["sinks"] = list(args.sink)
     if getattr(args, "state_dir", None):
         out["state_dir"] = str(args.state_dir)
@@ -136,11 +137,13 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _load_config_or_report(args: argparse.Namespace) -> Config | None:
+def _load_config_or_report(
+    args: argparse.Namespace, extra: dict[str, Any] | None = None
+) -> Config | None:
     from soundwatch.config import ConfigError, load_config
 
     try:
-        overrides = _cli_overrides(args)
+        overrides = {**_cli_overrides(args), **(extra or {})}
         return load_config(args.config, overrides=overrides)
     except (ConfigError, argparse.ArgumentTypeError) as e:
         print(f"soundwatch: {e}", file=sys.stderr)
@@ -194,6 +197,84 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ",".join(s.name for s in runtime.sinks),
     )
     return runtime.run(stop)
+
+
+def _mic_snapshot(runtime: Runtime, config: Config) -> MicSnapshot:
+    from soundwatch.micview import MicSnapshot
+
+    h = runtime.health()["source"]
+    return MicSnapshot(
+        device=h["device"],
+        device_rate_hz=h["device_rate_hz"],
+        source_state=h["state"],
+        source_healthy=h["healthy"],
+        source_detail=h["detail"],
+        overflows=h["overflows"],
+        block_peak_dbfs=runtime.block_peak_dbfs,
+        block_rms_dbfs=runtime.block_rms_dbfs,
+        state=runtime.latest_state,
+        events=runtime.recent_events(6),
+        hop_s=runtime.hop_s,
+        recording_dir=str(config.record_dir) if config.record_dir else None,
+    )
+
+
+def _print_plain(message: dict[str, Any]) -> None:
+    """Mic mode without a terminal: one line per window or event, for logs."""
+    if message["type"] == "state":
+        probs = " ".join(f"{k}={v:.2f}" for k, v in message["Probabilities"].items())
+        level = message["level"]
+        warn = " CLIPPING" if level["clipping"] else (" SILENT" if level["silent"] else "")
+        print(
+            f"window {message['window_index']}: {message['class']} [{probs}] "
+            f"rms {level['rms_dbfs']:.1f} dBFS peak {level['peak_dbfs']:.1f} dBFS{warn} "
+            f"active={message.get('active_class')}",
+            flush=True,
+        )
+    else:
+        print(
+            f"EVENT #{message['seq']} {message['type']} {message['class']}: {message['Message']}",
+            flush=True,
+        )
+
+
+def _cmd_mic(args: argparse.Namespace) -> int:
+    """Local mic test mode: live level, probabilities, decision and events."""
+    from soundwatch.micview import render
+
+    if args.source is None:
+        args.source = {"type": "mic", "device": args.device}
+    if not args.sink:
+        args.sink = []  # the view shows events; add --sink to also keep them
+    overrides_dir = {"record_dir": str(args.record)} if args.record else {}
+    config = _load_config_or_report(args, extra=overrides_dir)
+    if config is None:
+        return EXIT_USAGE
+    if config.source.type == "mic":
+        _cmd_devices(argparse.Namespace(json=False))
+    runtime = _build_runtime(config)
+    if runtime is None:
+        return EXIT_FAILED
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    worker = threading.Thread(target=runtime.run, args=(stop,), name="pipeline", daemon=True)
+    worker.start()
+    tty = sys.stdout.isatty() and not args.plain
+    if not tty:
+        runtime.add_listener(_print_plain)
+    try:
+        while worker.is_alive():
+            worker.join(timeout=0.2)
+            if tty:
+                sys.stdout.write("\x1b[H\x1b[2J" + render(_mic_snapshot(runtime, config)) + "\n")
+                sys.stdout.flush()
+    finally:
+        stop.set()
+        worker.join(timeout=15)
+    if tty:
+        for ev in reversed(runtime.recent_events(1000)):
+            print(f"event #{ev['seq']} {ev['type']} {ev['class']} ({ev['Message']})")
+    return EXIT_OK
 
 
 def _cmd_validate_config(args: argparse.Namespace) -> int:
@@ -259,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the module: capture, classify, publish")
     _add_run_options(p, add_bundle)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("mic", help="local mic test mode: live level, probabilities, events")
+    _add_run_options(p, add_bundle)
+    p.add_argument("--device", help="input device name substring or index (see `devices`)")
+    p.add_argument("--record", type=Path, help="save windows that triggered events as WAV here")
+    p.add_argument("--plain", action="store_true", help="line output even on a terminal")
+    p.set_defaults(func=_cmd_mic)
 
     p = sub.add_parser("validate-config", help="check a config file; errors name key and line")
     p.add_argument("file", type=Path)

@@ -58,6 +58,11 @@ class FeatureSpec:
     window: str = "hann"
     center: bool = True
     pad_mode: str = "constant"
+    # The sample rate of the recordings the model was trained on (MIMII: 16 kHz).
+    # Input at a higher rate is resampled through it first, so that live audio
+    # has the bandwidth the model saw (a 48 kHz microphone would otherwise put
+    # energy in mel bands above 8 kHz that were empty in every training clip).
+    train_rate_hz: int | None = None
 
     def __post_init__(self) -> None:
         if self.window != "hann":
@@ -82,6 +87,15 @@ class FeatureSpec:
                 raise FeatureSpecError(f"feature spec: {name} contains NaN or Inf")
         if self.hop_length <= 0 or self.n_fft <= 0 or self.hop_length > self.n_fft:
             raise FeatureSpecError("feature spec: need 0 < hop_length <= n_fft")
+        if self.train_rate_hz is not None and self.train_rate_hz <= 0:
+            raise FeatureSpecError("feature spec: train_rate_hz must be positive")
+
+    def via_rate_hz(self, input_rate_hz: int) -> int | None:
+        """The intermediate rate input at ``input_rate_hz`` must pass through, if any."""
+        limit = self.train_rate_hz
+        if limit is None or input_rate_hz <= limit or limit == self.sample_rate_hz:
+            return None
+        return limit
 
     @property
     def frame_rate_hz(self) -> float:
@@ -103,6 +117,7 @@ class FeatureSpec:
             "window": self.window,
             "center": self.center,
             "pad_mode": self.pad_mode,
+            "train_rate_hz": self.train_rate_hz,
         }
 
     def n_stft_frames(self, n_samples: int) -> int:

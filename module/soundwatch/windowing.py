@@ -45,6 +45,8 @@ class FeatureWindow:
     features: npt.NDArray[np.float32] = field(repr=False)
     level: Level
     captured_at: float | None = None
+    # The window's audio at the model rate, kept for recording event windows.
+    samples: npt.NDArray[np.float32] | None = field(default=None, repr=False)
 
     @property
     def start_s(self) -> float:
@@ -225,4 +227,5 @@ class StreamingFeatures:
             features=features,
             level=window_level(samples, self._silence),
             captured_at=self._captured_at,
+            samples=samples,
         )

@@ -195,6 +195,9 @@ class Config(_Strict):
     module_id: str = Field("soundwatch", min_length=1)
     state_dir: Path = Field(Path("./state"), description="sequence counter, outbox, recordings")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    record_dir: Path | None = Field(
+        None, description="save each window that starts an anomaly here (WAV + event JSON)"
+    )
     model: ModelConfig = ModelConfig()
     source: SourceConfig = SimulatorSourceConfig()
     window: WindowConfig = WindowConfig()
@@ -291,7 +294,7 @@ def _merge(data: dict[str, Any], parts: list[str], value: Any) -> None:
             nxt = {}
             cur[part] = nxt
         cur = nxt
-    cur[parts[-1]] = value
+    cur[parts[-1]] = _deep_merge(cur.get(parts[-1]), value)
 
 
 def apply_patch(config: Config, patch: Mapping[str, Any], source: str = "<patch>") -> Config:
@@ -306,7 +309,11 @@ def apply_patch(config: Config, patch: Mapping[str, Any], source: str = "<patch>
 
 
 def _deep_merge(base: Any, patch: Any) -> Any:
+    """Merge mappings key by key; a mapping whose ``type`` changes replaces the old one
+    (a file source's options mean nothing to a mic source)."""
     if isinstance(base, dict) and isinstance(patch, dict):
+        if "type" in patch and patch["type"] != base.get("type", patch["type"]):
+            return dict(patch)
         out = dict(base)
         for k, v in patch.items():
             out[k] = _deep_merge(base.get(k), v) if k in base else v

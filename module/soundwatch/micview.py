@@ -1,0 +1,121 @@
+"""Local mic test mode: a live terminal view for an engineer at the bench.
+
+It shows the input level, per-class probability bars, the current decision,
+recent events and warnings (clipping, silence, an odd device rate, an
+unhealthy source). :func:`render` is a pure function of a
+:class:`MicSnapshot`, so the screen can be tested without a terminal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+METER_WIDTH = 40
+BAR_WIDTH = 30
+METER_FLOOR_DBFS = -80.0
+TYPICAL_RATES_HZ = (16000, 22050, 32000, 44100, 48000)
+
+
+@dataclass(frozen=True)
+class MicSnapshot:
+    """Everything the view shows, gathered from the runtime at one instant."""
+
+    device: str
+    device_rate_hz: int
+    source_state: str
+    source_healthy: bool
+    source_detail: str
+    overflows: int
+    block_peak_dbfs: float
+    block_rms_dbfs: float
+    state: Mapping[str, Any] | None
+    events: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    hop_s: float = 1.0
+    recording_dir: str | None = None
+
+
+def warnings_for(snap: MicSnapshot) -> list[str]:
+    """Human warnings about the input, most important first."""
+    out = []
+    if not snap.source_healthy:
+        out.append(f"source {snap.source_state}: {snap.source_detail or 'no audio'}")
+    level = (snap.state or {}).get("level") or {}
+    if level.get("clipping") or snap.block_peak_dbfs >= -0.1:
+        out.append("CLIPPING: input reaches full scale; lower the gain or move the mic away")
+    if level.get("silent"):
+        out.append(
+            "SILENCE: window RMS below the silence threshold; is the mic muted or unplugged?"
+        )
+    if snap.device_rate_hz and snap.device_rate_hz not in TYPICAL_RATES_HZ:
+        out.append(f"unusual device rate {snap.device_rate_hz} Hz (resampled to 22050 Hz)")
+    elif snap.device_rate_hz and snap.device_rate_hz < 22050:
+        out.append(
+            f"device rate {snap.device_rate_hz} Hz is below the model's 22050 Hz: "
+            "high bands will be empty"
+        )
+    if snap.overflows:
+        out.append(f"{snap.overflows} capture overflow(s): the pipeline fell behind")
+    return out
+
+
+def _meter(dbfs: float, width: int = METER_WIDTH) -> str:
+    if not math.isfinite(dbfs):
+        dbfs = METER_FLOOR_DBFS
+    frac = min(1.0, max(0.0, (dbfs - METER_FLOOR_DBFS) / -METER_FLOOR_DBFS))
+    n = round(frac * width)
+    return "█" * n + "·" * (width - n)
+
+
+def _bar(p: float, width: int = BAR_WIDTH) -> str:
+    n = round(min(1.0, max(0.0, p)) * width)
+    return "█" * n + " " * (width - n)
+
+
+def render(snap: MicSnapshot, width: int = 78) -> str:
+    """The whole screen as text (no escape codes)."""
+    lines = [
+        "soundwatch mic test".ljust(width - 24) + "Ctrl-C to stop".rjust(24),
+        f"device: {snap.device or '?'} @ {snap.device_rate_hz or '?'} Hz   "
+        f"source: {snap.source_state}",
+        "",
+        f"level  [{_meter(snap.block_peak_dbfs)}] peak {snap.block_peak_dbfs:6.1f} dBFS",
+        f"       [{_meter(snap.block_rms_dbfs)}] rms  {snap.block_rms_dbfs:6.1f} dBFS",
+        "",
+    ]
+    state = snap.state
+    if state is None:
+        lines.append(f"collecting the first 10 s window (a new verdict every {snap.hop_s:.3f} s)…")
+    else:
+        probs: Mapping[str, float] = state.get("Probabilities", {})
+        top = state.get("class")
+        for name, p in probs.items():
+            mark = "◀" if name == top else " "
+            lines.append(f"{name:>15} {_bar(p)} {p:5.2f} {mark}")
+        lines.append("")
+        active = state.get("active_class")
+        verdict = (
+            f"ANOMALY: {active}" if active else ("warming up" if state.get("warming_up") else "OK")
+        )
+        lines.append(
+            f"decision: {verdict}   window #{state.get('window_index')} "
+            f"({state.get('stream_start_s', 0):.1f}–{state.get('stream_end_s', 0):.1f} s)"
+        )
+    warns = warnings_for(snap)
+    lines.append("")
+    lines.extend(f"! {w}" for w in warns) if warns else lines.append("input looks fine")
+    lines.append("")
+    lines.append(
+        "recent events:" + (f"  (recording to {snap.recording_dir})" if snap.recording_dir else "")
+    )
+    if not snap.events:
+        lines.append("  none yet")
+    for ev in list(snap.events)[:6]:
+        lines.append(
+            f"  #{ev.get('seq')} {ev.get('type')} {ev.get('class')} "
+            f"p_max={ev.get('probability_max', 0):.2f} "
+            f"({ev.get('stream_start_s', 0):.1f}–{ev.get('stream_end_s', 0):.1f} s)"
+        )
+    return "\n".join(line[:width] for line in lines)
