@@ -106,3 +106,16 @@ def test_patch_is_all_or_nothing() -> None:
 def test_defaults_are_valid() -> None:
     cfg = load_config(None, env={})
     assert cfg.source.type == "simulator" and cfg.window.hop_s == 1.0
+
+
+def test_documented_defaults_are_the_real_defaults() -> None:
+    """config/default.yaml must not drift from the schema."""
+    root = Path(__file__).resolve().parents[1]
+    documented = load_config(root / "config" / "default.yaml", env={})
+    assert documented.model_dump() == Config().model_dump()
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "mic-bench.yaml", "file-seeds.yaml"])
+def test_example_configs_validate(name: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    load_config(root / "config" / name, env={"AUDIO_FILE": "x.wav"})
