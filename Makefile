@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: run test pytest bench lint train clean setup-run setup-test setup-train
 
 run: setup-run
-	$(BIN)/soundwatch demo
+	$(BIN)/soundwatch run --config config/demo.yaml
 
 test: setup-test lint pytest
 
