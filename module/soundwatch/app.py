@@ -123,6 +123,12 @@ class Runtime:
         self.block_peak_dbfs = float("-inf")
         self.block_rms_dbfs = float("-inf")
         self.recorder = Recorder(config.record_dir) if config.record_dir else None
+        # Sinks that also take commands or report health (MQTT `set`, the IoT
+        # Hub twin and direct methods) get the runtime through `attach`.
+        for sink in self.sinks:
+            attach = getattr(sink, "attach", None)
+            if callable(attach):
+                attach(self)
 
     # --- what the edges use ------------------------------------------------
 

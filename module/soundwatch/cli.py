@@ -179,6 +179,16 @@ def _build_runtime(config: Config) -> Runtime | None:
     return None
 
 
+def _start_http(args: argparse.Namespace, runtime: Runtime | None, config: Config | None) -> Any:
+    """Start the HTTP API if asked (``--http HOST:PORT``); returns a handle with ``stop()``."""
+    address = getattr(args, "http", None)
+    if not address:
+        return None
+    from soundwatch.http.cli import start_http
+
+    return start_http(address, runtime=runtime, config=config, args=args)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load_config_or_report(args)
     if config is None:
@@ -189,6 +199,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     stop = threading.Event()
     _install_stop_handlers(stop)
+    http = _start_http(args, runtime, config)
     logger.info(
         "running: source=%s hop=%.3f s model=%s sinks=%s",
         config.source.type,
@@ -196,7 +207,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         runtime.bundle.model_version,
         ",".join(s.name for s in runtime.sinks),
     )
-    return runtime.run(stop)
+    try:
+        return runtime.run(stop)
+    finally:
+        if http is not None:
+            http.stop()
 
 
 def _mic_snapshot(runtime: Runtime, config: Config) -> MicSnapshot:
@@ -379,6 +394,7 @@ def _add_run_options(p: argparse.ArgumentParser, add_bundle: Any) -> None:
     pace.add_argument("--fast", dest="pacing", action="store_const", const="fast")
     p.add_argument("--loop", action="store_true", help="loop a file source")
     p.add_argument("--state-dir", type=Path, help="sequence counter, outbox, recordings")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API (e.g. 127.0.0.1:5000)")
     add_bundle(p)
 
 
