@@ -9,17 +9,19 @@ not the luck of a random room.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from tools import fansim as fansim_tool
 
 from soundwatch import fansim
+from tools import fansim as fansim_tool
 
 SR = 16000
 
@@ -335,6 +337,7 @@ def test_stream_output_does_not_depend_on_read_sizes() -> None:
     total = 3 * 14400 + 1234  # over three cycle joins
     a = read_all(1000, total)
     assert np.array_equal(a, read_all(4410, total))
+    assert np.array_equal(a, read_all(20011, total))  # reads longer than a render step
     assert np.array_equal(a[:3000], read_all(1, 3000))  # any n, down to one sample
     assert a.dtype == np.float32 and np.all(np.abs(a) <= 1.0)
     # Cycles differ (derived seeds) but keep one level.
@@ -373,6 +376,196 @@ def test_stream_fault_at_follows_the_schedule() -> None:
     assert np.any(x[:8000] != 0) and np.all(x[8000:] == 0)
     with pytest.raises(IndexError):
         once.fault_at(8000)
+
+
+def test_stream_read_parts_add_up_to_read() -> None:
+    unit = fansim.make_unit(1, seed=0)
+    schedule = [("clogging", 0.6), ("normal", 0.4)]
+    a = fansim.ScheduleStream(unit, schedule, -6, seed=3, sample_rate_hz=SR)
+    b = fansim.ScheduleStream(unit, schedule, -6, seed=3, sample_rate_hz=SR)
+    for n in (7000, 9000, 20000):  # over a step join and a cycle join
+        machine, background = a.read_parts(n)
+        assert np.array_equal(np.clip(machine + background, -1, 1), b.read(n))
+
+
+def test_stream_memory_is_bounded_and_steps_are_small() -> None:
+    """30 s at 48 kHz, over a cycle join: a few MB, not one cycle (~50 bytes/sample)."""
+    rate, block = 48000, 4800
+    unit = fansim.make_unit(0, seed=0)
+    schedule = [("normal", 8), ("clogging", 6), ("imbalance", 6)]  # a 20 s cycle
+    tracemalloc.start()
+    try:
+        stream = fansim.ScheduleStream(unit, schedule, 0, seed=2, sample_rate_hz=rate)
+        start = time.process_time()
+        for _ in range(30 * rate // block):
+            stream.read(block)
+        cpu_s = time.process_time() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"stream, 48 kHz: peak {peak / 1e6:.1f} MB, {cpu_s / 30 * 1e3:.1f} ms CPU per s of audio")
+    assert stream.chunk_samples <= rate  # bounded steps, whatever the schedule
+    assert peak < 8e6  # whole-cycle rendering would need ~50 MB here
+
+
+def test_stream_noise_has_no_seams_at_frame_joins() -> None:
+    """Overlap-added noise frames keep unit variance everywhere between two joins."""
+    hop = 400
+    amplitude = np.ones(hop + 1, dtype=np.float32)  # white: samples nearly independent
+    noise = fansim._NoiseStream(fansim._ShapedFrames(amplitude), (1, 2), hop)
+    x = np.stack([noise.hop(j) for j in range(-1, 500)]).astype(np.float64)
+    assert np.mean(x**2) == pytest.approx(1.0, rel=0.02)
+    # Power by position between joins (10 bins of 40 samples × 501 hops).
+    profile = (x**2).reshape(x.shape[0], 10, -1).mean(axis=(0, 2))
+    assert np.all(np.abs(profile - 1.0) < 4 * np.sqrt(2 / (x.size / 10)))
+    # Hops made out of order are the same noise (frames are keyed by index).
+    again = fansim._NoiseStream(fansim._ShapedFrames(amplitude), (1, 2), hop)
+    assert np.array_equal(again.hop(41), x[42])
+
+
+def frame_powers(x: np.ndarray, centres: np.ndarray, sr: int = SR) -> np.ndarray:
+    """Mean square of 50 ms frames centred at ``centres``."""
+    half = round(0.025 * sr)
+    x = np.asarray(x, dtype=np.float64)
+    return np.array([np.mean(x[c - half : c + half] ** 2) for c in centres])
+
+
+@pytest.mark.parametrize("part", ["machine", "background"])
+def test_stream_level_has_no_seams_at_step_joins(part: str) -> None:
+    """50 ms power around the render-step joins is like everywhere else.
+
+    Checked at the joins (noise frames, tones and the room's overlap-add tail
+    meet there) and half-way between them (where the two noise frames weigh
+    the same): the mean of those frames stays within the noise's natural
+    spread of the mean of all frames.
+    """
+    unit = fansim.make_unit(3, seed=0)
+    stream = fansim.ScheduleStream(unit, [("clogging", 31)], -6, seed=4, sample_rate_hz=SR)
+    machine, background = stream.read_parts(30 * SR)
+    x = machine if part == "machine" else background
+    chunk = stream.chunk_samples
+    half = round(0.025 * SR)
+    everywhere = frame_powers(x, np.arange(half, x.size - half, 2 * half))
+    spread = everywhere.std() / np.sqrt(x.size // chunk)
+    for offset in (0, chunk // 2):
+        at_joins = frame_powers(x, np.arange(chunk + offset, x.size - chunk, chunk))
+        assert abs(at_joins.mean() - everywhere.mean()) < 3 * spread
+
+
+def test_stream_carries_the_room_tail_across_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A room that only delays (by most of a step) delays the stream exactly."""
+    delay, length = 6500, 7000  # the delayed sound lands in the next step
+
+    def make_stream(ir: np.ndarray) -> fansim.ScheduleStream:
+        monkeypatch.setattr(fansim, "_room_ir", lambda rng, room, sr: ir)
+        unit = fansim.make_unit(0, seed=0)
+        return fansim.ScheduleStream(unit, [("imbalance", 3)], 6, seed=1, sample_rate_hz=SR)
+
+    direct, delayed = np.zeros(length), np.zeros(length)
+    direct[0] = delayed[delay] = 1.0
+    a = make_stream(direct).read_parts(2 * SR)[0]
+    b = make_stream(delayed).read_parts(2 * SR)[0]
+    assert np.allclose(b[delay:], a[:-delay], atol=1e-4 * np.abs(a).max())
+
+
+@pytest.mark.usefixtures("anechoic")
+def test_stream_bpf_phase_is_continuous_across_steps() -> None:
+    """Narrow-band demodulation at the BPF: its phase bends no more at a join than elsewhere."""
+    unit = fansim.make_unit(7, seed=0)  # BPF 140.3 Hz, 9.7 Hz from the nearest hum line
+    stream = fansim.ScheduleStream(unit, [("normal", 11)], 6, seed=2, sample_rate_hz=SR)
+    machine = stream.read_parts(10 * SR)[0].astype(np.float64)
+    spec = np.fft.fft(machine)
+    f = np.fft.fftfreq(machine.size, 1 / SR)
+    spec[np.abs(f - unit.bpf_hz) > 5.0] = 0.0  # analytic signal of the BPF line alone
+    phase = np.unwrap(np.angle(np.fft.ifft(spec)))
+    # Bend = change of the phase's slope over ±20 ms: small for a wandering
+    # tone (the jitter), but a phase step at a join shows up in full.
+    lag = round(0.02 * SR)
+    n = np.arange(lag, machine.size - lag)
+    bend = np.abs(phase[n + lag] - 2 * phase[n] + phase[n - lag])
+    chunk = stream.chunk_samples
+    joins = np.arange(chunk, machine.size - chunk, chunk)
+    elsewhere = bend[np.abs(n[:, None] - joins[None, :]).min(axis=1) > 2 * lag]
+    at_joins = bend[joins - lag]
+    assert at_joins.max() <= elsewhere.max()  # a phase reset would be ~1 rad
+    assert at_joins.mean() < 2 * np.median(elsewhere)
+
+
+def third_octaves_db(x: np.ndarray, sr: int = SR) -> np.ndarray:
+    """Welch spectrum summed in third-octave bands from 25 Hz, in dB re the total."""
+    n = 4096
+    x = np.asarray(x, dtype=np.float64)
+    frames = np.lib.stride_tricks.sliding_window_view(x, n)[:: n // 2] * np.hanning(n)
+    p = (np.abs(np.fft.rfft(frames, axis=1)) ** 2).mean(axis=0)
+    f = np.fft.rfftfreq(n, 1 / sr)
+    edges = 25 * 2 ** (np.arange(26) / 3)
+    bands = np.array([p[(f >= lo) & (f < hi)].sum() for lo, hi in itertools.pairwise(edges)])
+    return 10 * np.log10(bands / bands.sum())
+
+
+@pytest.mark.parametrize("fault", ["normal", "clogging"])
+def test_stream_spectra_match_render_schedule(fault: str) -> None:
+    """Same room, tones and noise shapes as the whole-buffer renderer: same spectra."""
+    unit = fansim.make_unit(1, seed=0)
+    offline = fansim.render_parts(unit, [(fault, 10)], 0, 4, SR)
+    stream = fansim.ScheduleStream(unit, [(fault, 10)], 0, seed=4, sample_rate_hz=SR)
+    machine, background = stream.read_parts(10 * SR)
+    for ours, theirs in ((machine, offline.machine), (background, offline.background)):
+        assert np.abs(third_octaves_db(ours) - third_octaves_db(theirs)).max() < 1.5
+
+
+@pytest.mark.parametrize(("snr_db", "seed"), [(-6, 1), (0, 2), (6, 3)])
+def test_stream_segments_have_the_snr_cues_and_level(snr_db: int, seed: int) -> None:
+    """Statistics of :func:`render_schedule` without its whole-recording measurements."""
+    unit = fansim.make_unit(0, seed=0)
+    schedule = [(fault, 3.0) for fault in fansim.CLASSES]
+    stream = fansim.ScheduleStream(unit, schedule, snr_db, seed=seed, sample_rate_hz=SR)
+    machine, background = stream.read_parts(stream.cycle_samples)
+    ramp = round(fansim.TRANSITION_S * SR)
+    parts = {}
+    for seg in stream.segments:
+        m = machine[seg.start + ramp : seg.stop].astype(np.float64)
+        b = background[seg.start + ramp : seg.stop].astype(np.float64)
+        assert db(np.mean(m**2) / np.mean(b**2)) == pytest.approx(snr_db, abs=1.0), seg.fault
+        parts[seg.fault] = m
+    # The machine is equally loud in every segment (render_schedule measures
+    # each segment; the stream predicts it from the state and the room).
+    powers_db = [db(np.mean(m**2)) for m in parts.values()]
+    assert max(powers_db) - min(powers_db) < 0.6
+    faults = fansim.draw_conditions(seed).faults
+    normal = parts["normal"]
+
+    # Imbalance: a stronger shaft tone.
+    def shaft_re_bpf(x: np.ndarray) -> float:
+        f, p = spectrum(x)
+        fr = unit.shaft_hz
+        return db(band(f, p, fr * 0.97, fr * 1.03) / band(f, p, fr * 6.86, fr * 7.14))
+
+    rise = shaft_re_bpf(parts["imbalance"]) - shaft_re_bpf(normal)
+    assert rise > 20 * np.log10(faults.imbalance_shaft_gain) - 3.0
+    # Clogging and voltage change: every tone moves with the speed (3 s in a
+    # room measure it to ±2.5 %: render_schedule is as far off for seed 2).
+    for fault in ("clogging", "voltage_change"):
+        ratio = bpf_hz(parts[fault]) / bpf_hz(normal)
+        assert ratio == pytest.approx(faults.speed(fault), rel=0.03), fault
+    # Clogging: the whistle, from the boundary on and not before it.
+    hz, w = faults.clogging_whistle_hz, faults.clogging_whistle_bw_hz
+
+    def whistle_db(x: np.ndarray) -> float:
+        f, p = spectrum(x)
+        return db(band(f, p, hz - w, hz + w) / p.sum())
+
+    clog = stream.segments[2]
+    assert whistle_db(parts["clogging"]) - whistle_db(parts["imbalance"]) > 10.0
+    before = machine[clog.start - SR // 10 : clog.start]
+    after = machine[clog.start + ramp : clog.start + ramp + SR // 10]
+    assert whistle_db(after) - whistle_db(before) > 6.0
+
+    # One constant level, peaks in range.
+    mix = np.clip(machine + background, -1, 1)
+    peak = 20 * np.log10(np.max(np.abs(mix)))
+    assert -35.0 <= peak <= -6.0
+    assert -2.0 <= peak - stream.peak_dbfs <= 3.0
 
 
 # --------------------------------------------------------------------------- #

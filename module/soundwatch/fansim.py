@@ -18,9 +18,12 @@ Definitions that callers rely on:
 * **SNR** is ``10·log10(P_machine / P_background)`` where ``P`` is the mean
   square over the returned recording, ``machine`` is the fan as heard at the
   microphone (room reverberation included) and ``background`` is the factory
-  noise. Both parts are available from :func:`synth_parts` / :func:`render_parts`.
+  noise. Both parts are available from :func:`synth_parts` / :func:`render_parts`
+  (and :meth:`ScheduleStream.read_parts`, where ``P`` is the expected power).
 * **Level**: the mixture is scaled so that its absolute peak lands at a value
-  drawn uniformly from −35…−6 dBFS, independent of the class.
+  drawn uniformly from −35…−6 dBFS, independent of the class. (The live
+  :class:`ScheduleStream` cannot see its peaks in advance: it sets one gain
+  from the expected power instead, so its peaks land near the drawn level.)
 * **Schedules**: one continuous recording whose fault state changes at exact
   sample boundaries; parameters then ramp linearly over :data:`TRANSITION_S`
   (20 ms) *after* the boundary, tones stay phase-continuous and the background
@@ -33,7 +36,9 @@ Definitions that callers rely on:
 
 The engine is numpy-only because it also runs on the device as a live audio
 source (:class:`ScheduleStream`). A 10 s, 16 kHz clip takes ~15–20 ms of CPU;
-a recording needs ~50 bytes of memory per sample while it renders.
+a recording needs ~50 bytes of memory per sample while it renders. The live
+stream renders 0.5 s steps as it is read instead: ~5 ms of CPU per second of
+audio at 48 kHz and a few MB, whatever the schedule's length.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Final
@@ -768,6 +773,7 @@ def _dry_machine(
         whistle = _whistle(_rng(_TAG_WHISTLE, seed), faults, n_total, sr)
     jitter_x, jitter_v = _jitter_control(_rng(_TAG_JITTER, seed), unit, first, n_total, sr)
 
+    voice = _Voice(unit, faults, tracks, phases, hum, sr)
     out = np.empty(n_total, dtype=np.float32)
     shaft_cycles = phases.shaft
     for a in range(0, n_total, _BLOCK):
@@ -780,14 +786,43 @@ def _dry_machine(
         cycles = np.cumsum(increments)
         cycles += shaft_cycles
         shaft_cycles = float(cycles[-1])
-        z = _phasor(cycles)
+        out[a:b] = voice.block(
+            index, _phasor(cycles), airflow[a:b], None if whistle is None else whistle[a:b]
+        )
+    return out
 
-        acc = np.zeros(b - a, dtype=np.float32)
-        _add_shaft_tones(acc, z, unit, tracks.shaft_amp.block(s0, s1), phases)
-        hum.add(acc, s0, s1)
-        acc += (airflow[a:b] * tracks.airflow_amp.block(s0, s1)).astype(np.float32, copy=False)
+
+@dataclass(frozen=True)
+class _Voice:
+    """How one recording's fan turns its parameter tracks into sound, block by block.
+
+    Shared by the whole-buffer renderer and the live stream, so both make the
+    same physics from the same tracks.
+    """
+
+    unit: UnitParams
+    faults: FaultParams
+    tracks: _Tracks
+    phases: _Phases
+    hum: _Hum
+    sample_rate_hz: int
+
+    def block(self, index: F64, z: C64, airflow: F32, whistle: F32 | None) -> F32:
+        """The dry fan at recording samples ``index`` (consecutive, float64).
+
+        ``z`` is the shaft phasor there; ``airflow`` and ``whistle`` are the
+        unit-power noises for the same samples (``whistle`` may be ``None``
+        where its level is zero).
+        """
+        tracks, phases = self.tracks, self.phases
+        s0 = int(index[0])
+        s1 = s0 + index.size
+        acc = np.zeros(index.size, dtype=np.float32)
+        _add_shaft_tones(acc, z, self.unit, tracks.shaft_amp.block(s0, s1), phases)
+        self.hum.add(acc, s0, s1)
+        acc += (airflow * tracks.airflow_amp.block(s0, s1)).astype(np.float32, copy=False)
         if whistle is not None and not _is_zero(amp := tracks.whistle_amp.block(s0, s1)):
-            acc += (whistle[a:b] * amp).astype(np.float32, copy=False)
+            acc += (whistle * amp).astype(np.float32, copy=False)
 
         # Imbalance: the whole sound breathes once per revolution, locked to
         # the shaft (this is also what puts sidebands at BPF ± f_r).
@@ -795,10 +830,9 @@ def _dry_machine(
             acc *= (1.0 + depth * (np.complex64(phases.am) * z).real).astype(np.float32)
         # Clogging: slow surging of the whole sound.
         if not _is_zero(depth := tracks.surge_depth.block(s0, s1)):
-            surge = _phasor(index * (faults.clogging_surge_hz / sr) + phases.surge).imag
-            acc *= (1.0 + depth * surge).astype(np.float32)
-        out[a:b] = acc
-    return out
+            cycles = index * (self.faults.clogging_surge_hz / self.sample_rate_hz) + phases.surge
+            acc *= (1.0 + depth * _phasor(cycles).imag).astype(np.float32)
+        return acc
 
 
 def _room_ir(rng: np.random.Generator, room: RoomParams, sample_rate_hz: int) -> F64:
@@ -817,15 +851,21 @@ def _room_ir(rng: np.random.Generator, room: RoomParams, sample_rate_hz: int) ->
     return ir
 
 
+def _background_amplitude(params: BackgroundParams, n_fft: int, sample_rate_hz: int) -> F32:
+    """Magnitude spectrum of the background noise: |A|² ∝ (f² + corner²)^(−slope/2)."""
+    f = np.fft.rfftfreq(n_fft, 1.0 / sample_rate_hz).astype(np.float32)
+    # Via exp/log: float32 SIMD, 3× faster than **.
+    amplitude: F32 = np.exp(np.log(f * f + np.float32(params.corner_hz**2)) * (-params.slope / 4.0))
+    amplitude[0] = 0.0
+    return amplitude
+
+
 def _background(
     rng: np.random.Generator, params: BackgroundParams, n: int, sample_rate_hz: int
 ) -> F32:
     """Unit-power factory background: pink-to-brown noise, maybe an unrelated tone."""
     n_fft = _fast_len(n)
-    f = np.fft.rfftfreq(n_fft, 1.0 / sample_rate_hz).astype(np.float32)
-    # |A|² ∝ (f² + corner²)^(−slope/2), via exp/log: float32 SIMD, 3× faster than **.
-    amplitude = np.exp(np.log(f * f + np.float32(params.corner_hz**2)) * (-params.slope / 4.0))
-    amplitude[0] = 0.0
+    amplitude = _background_amplitude(params, n_fft, sample_rate_hz)
     noise = _unit_power(_noise_from_amplitude(rng, amplitude, n_fft)[:n])
     theta1, theta2 = (float(v) for v in rng.random(2))
     if params.tone_hz is None:
@@ -1027,26 +1067,401 @@ def render_parts(
 # --------------------------------------------------------------------------- #
 
 
+#: Audio made per render step of :class:`ScheduleStream`, rounded up to a fast
+#: FFT size. Noise frames are twice this long (1 Hz bins at 0.5 s).
+_STREAM_CHUNK_S: Final = 0.5
+#: Peak-to-RMS ratio the stream's level is set by: the median crest factor of a
+#: 10 s mixture at 48 kHz (12–15 dB over classes, SNRs, units and rooms).
+_STREAM_CREST_DB: Final = 13.0
+#: Nominal peak range of a stream: −35…−6 dBFS less the spread of the crest
+#: (measured over 96 segments at 48 kHz, 10 s peaks land −1.3…+1.6 dB around it).
+_STREAM_PEAK_DBFS: Final = (-33.0, -9.5)
+#: Gauss–Hermite nodes for averaging the room response over the speed jitter.
+_JITTER_NODES: Final = 9
+
+
 def _derive_seed(seed: int, index: int) -> int:
     state = np.random.SeedSequence([_TAG_STREAM, seed, index]).generate_state(1)
     return int(state[0])
 
 
+def _zigzag(j: int) -> int:
+    """A distinct non-negative key for every integer (0, −1, 1, −2, … → 0, 1, 2, 3, …)."""
+    return 2 * j if j >= 0 else -2 * j - 1
+
+
+def _stream_chunk(sample_rate_hz: int) -> int:
+    """Samples per render step of :class:`ScheduleStream` at ``sample_rate_hz``."""
+    return _fast_len(round(_STREAM_CHUNK_S * sample_rate_hz))
+
+
+def _stream_peak_dbfs(seed: int) -> float:
+    """The nominal peak of a stream: the drawn level mapped into :data:`_STREAM_PEAK_DBFS`."""
+    lo, hi = PEAK_DBFS_RANGE
+    new_lo, new_hi = _STREAM_PEAK_DBFS
+    return new_lo + (draw_conditions(seed).peak_dbfs - lo) * (new_hi - new_lo) / (hi - lo)
+
+
+class _ShapedFrames:
+    """Random-phase noise frames with a fixed magnitude spectrum, unit variance per sample.
+
+    ``amplitude`` holds the rfft bins of the frame; DC and Nyquist are dropped
+    so that every sample has exactly the variance ``2·Σ A²/n²`` (set to 1).
+    """
+
+    def __init__(self, amplitude: F32) -> None:
+        self._n_fft = 2 * (amplitude.size - 1)
+        a = amplitude.astype(np.float64)
+        a[0] = a[-1] = 0.0
+        a *= self._n_fft / math.sqrt(2.0 * float(np.square(a).sum()))
+        self._amplitude = a.astype(np.float32)
+
+    def __call__(self, rng: np.random.Generator) -> F32:
+        spectrum = _cis(rng.random(self._amplitude.size, dtype=np.float32) * np.float32(2 * np.pi))
+        spectrum *= self._amplitude
+        return _irfft32(spectrum, self._n_fft)
+
+
+class _WhistleFrames:
+    """Narrow-band noise frames (complex Gaussian bins, as :func:`_whistle`), unit variance."""
+
+    def __init__(self, faults: FaultParams, n_fft: int, sample_rate_hz: int) -> None:
+        bin_hz = sample_rate_hz / n_fft
+        centre = faults.clogging_whistle_hz / bin_hz
+        sigma = max(faults.clogging_whistle_bw_hz / 2.3548 / bin_hz, 0.25)
+        self._lo = max(1, math.floor(centre - 4 * sigma))
+        hi = min(n_fft // 2 - 1, math.ceil(centre + 4 * sigma)) + 1
+        shape = np.exp(-0.5 * ((np.arange(self._lo, hi) - centre) / sigma) ** 2)
+        # E|bin|² = shape²·scale² (each of re, im has variance ½·shape²·scale²).
+        scale = n_fft / math.sqrt(2.0 * float(np.square(shape).sum()))
+        self._shape = shape * (scale / math.sqrt(2.0))
+        self._n_fft = n_fft
+
+    def amplitude(self) -> F32:
+        """The frames' rms magnitude per rfft bin (the whistle's spectral shape)."""
+        amplitude = np.zeros(self._n_fft // 2 + 1, dtype=np.float32)
+        amplitude[self._lo : self._lo + self._shape.size] = self._shape
+        return amplitude
+
+    def __call__(self, rng: np.random.Generator) -> F32:
+        spectrum = np.zeros(self._n_fft // 2 + 1, dtype=np.complex64)
+        band = rng.standard_normal(2 * self._shape.size).view(np.complex128)
+        spectrum[self._lo : self._lo + self._shape.size] = band * self._shape
+        return _irfft32(spectrum, self._n_fft)
+
+
+class _NoiseStream:
+    """Endless stationary noise made ``hop`` samples at a time, without seams.
+
+    Frame ``j`` is an independent noise of ``2·hop`` samples starting at sample
+    ``j·hop`` with unit variance at every sample, tapered by a sine window.
+    Frames overlap by half and the window is power-complementary
+    (sin² + cos² = 1), so the sum has unit variance at every sample, joins
+    included, and its spectrum is the frames' smoothed by the window's main
+    lobe (~1.5 frame bins). Frames are keyed by their index, so any hop can be
+    made without those before it (the whistle is only made where it sounds).
+    """
+
+    def __init__(
+        self, frames: Callable[[np.random.Generator], F32], keys: tuple[int, ...], hop: int
+    ) -> None:
+        self._frames = frames
+        self._keys = keys
+        self._hop = hop
+        n = 2 * hop
+        self._window = np.sin((np.arange(n, dtype=np.float64) + 0.5) * (np.pi / n)).astype(
+            np.float32
+        )
+        self._last_index: int | None = None
+        self._last: F32 = np.zeros(0, dtype=np.float32)
+
+    def _frame(self, j: int) -> F32:
+        if j != self._last_index:
+            self._last = self._frames(_rng(*self._keys, _zigzag(j))) * self._window
+            self._last_index = j
+        return self._last
+
+    def hop(self, j: int) -> F32:
+        """Samples ``[j·hop, (j+1)·hop)``."""
+        older = self._frame(j - 1)[self._hop :]
+        return older + self._frame(j)[: self._hop]
+
+
+class _JitterStream:
+    """The speed wander of :func:`_jitter_control` (same AR(1) process), drawn as needed."""
+
+    def __init__(
+        self, rng: np.random.Generator, unit: UnitParams, first: int, sample_rate_hz: int
+    ) -> None:
+        self._rng = rng
+        self._step = max(1, round(_JITTER_CONTROL_S * sample_rate_hz))
+        self._rho = math.exp(-_JITTER_CONTROL_S / unit.jitter_tau_s)
+        self._innovation = unit.jitter_rms * math.sqrt(1 - self._rho * self._rho)
+        self._x0 = first  # sample index of self._values[0]
+        self._values: F64 = np.array([rng.standard_normal() * unit.jitter_rms])
+
+    def at(self, index: F64) -> F64:
+        """Relative speed deviation at ``index`` (ascending, never before a previous call's)."""
+        drop = (int(index[0]) - self._x0) // self._step
+        if drop > 0:
+            self._values = self._values[drop:]
+            self._x0 += drop * self._step
+        need = (int(index[-1]) - self._x0) // self._step + 2
+        if need > self._values.size:
+            innovations = self._rng.standard_normal(need - self._values.size) * self._innovation
+            values = np.empty(need, dtype=np.float64)
+            values[: self._values.size] = self._values
+            for i in range(self._values.size, need):  # a few points per chunk
+                values[i] = self._rho * values[i - 1] + innovations[i - self._values.size]
+            self._values = values
+        xs = self._x0 + self._step * np.arange(self._values.size, dtype=np.float64)
+        return np.interp(index, xs, self._values)
+
+
+class _RoomGain:
+    """The room's power response |H(f)|², for the expected power of a sound after it."""
+
+    def __init__(self, ir: F64, sample_rate_hz: int) -> None:
+        n_fft = _fast_len(max(8 * ir.size, 4096))  # fine enough to interpolate linearly
+        self._f = np.fft.rfftfreq(n_fft, 1.0 / sample_rate_hz)
+        self._gain = np.square(np.abs(np.fft.rfft(ir, n_fft)))
+
+    def at(self, f_hz: F64) -> F64:
+        """|H|² at the frequencies ``f_hz`` (negative ones mirror)."""
+        return np.interp(np.abs(f_hz), self._f, self._gain)
+
+    def of_noise(self, amplitude: F32, sample_rate_hz: int) -> float:
+        """Power gain for a noise whose rfft magnitudes (any grid) are ``amplitude``."""
+        n_fft = 2 * (amplitude.size - 1)
+        power = np.square(amplitude.astype(np.float64))
+        f = np.arange(amplitude.size, dtype=np.float64) * (sample_rate_hz / n_fft)
+        return float((power * self.at(f)).sum() / power.sum())
+
+
+def _expected_power(
+    voice: _Voice, state: _State, room: _RoomGain, airflow_gain: float, whistle_gain: float
+) -> float:
+    """Mean square of ``state``'s steady sound after the room, from its spectrum.
+
+    Every line (shaft-locked tones, hum, and the sidebands that the shaft AM
+    and the surge put around them) is weighted by |H|² at its frequency,
+    averaged over the speed jitter; the noises by |H|² averaged over their
+    spectra. This is what :func:`_equalise` would measure on a long stretch of
+    ``state``, without rendering it.
+    """
+    unit, phases = voice.unit, voice.phases
+    # Shaft-locked tones as Re(b_k·e^{ikθ}), since Im(c·z^k) = Re(−i·c·z^k).
+    lines: dict[int, complex] = {1: -1j * state.shaft_amp * phases.shaft_tone}
+    for m, (amp, coef) in enumerate(zip(unit.bpf_amps, phases.bpf, strict=True), start=1):
+        lines[unit.blades * m] = -1j * amp * coef
+    d, s = state.am_depth, state.surge_depth
+    if d:  # ×(1 + d·cos(θ + ∠am)) moves d/2 of each line one order up and one down
+        am = phases.am
+        shaped: dict[int, complex] = {}
+        for k, b in lines.items():
+            for order, c in (
+                (k, b),
+                (k + 1, 0.5 * d * am * b),
+                (k - 1, 0.5 * d * am.conjugate() * b),
+            ):
+                shaped[order] = shaped.get(order, 0j) + c
+        lines = shaped
+    # Each line as (shaft order, offset Hz, power): it sits at order·f_shaft + offset.
+    parts = [(k, 0.0, abs(b) ** 2 / 2.0 if k else b.real**2) for k, b in lines.items()]
+    for h, amp in enumerate(state.hum_amps, start=1):
+        if amp:
+            parts.append((0, MAINS_HZ * h, amp * amp / 2.0))
+            if d:
+                parts += [(order, MAINS_HZ * h, amp * amp * d * d / 8.0) for order in (-1, 1)]
+    if s:  # ×(1 + s·sin(2π·f_s·t)) adds s/2 of each line at ±f_s (a DC line's p is c²)
+        f_s = voice.faults.clogging_surge_hz
+        parts += [(k, f + sign * f_s, p * s * s / 4.0) for k, f, p in parts for sign in (-1, 1)]
+    nodes, weights = np.polynomial.hermite_e.hermegauss(_JITTER_NODES)
+    shaft_hz = unit.shaft_hz * state.speed * (1.0 + unit.jitter_rms * nodes)
+    weights = weights / weights.sum()
+    tones = sum(p * float(weights @ room.at(k * shaft_hz + f)) for k, f, p in parts)
+    noise = state.airflow_amp**2 * airflow_gain + state.whistle_amp**2 * whistle_gain
+    return float(tones) + noise * (1.0 + d * d / 2.0) * (1.0 + s * s / 2.0)
+
+
+class _CycleRenderer:
+    """One pass of a schedule as a live recording, rendered ``chunk`` samples per step.
+
+    The physics is :func:`_render`'s (same tracks, :class:`_Voice`, room and
+    background), made incrementally: the shaft phase and the speed wander
+    carry over from step to step, the noises come from :class:`_NoiseStream`,
+    the room is an overlap-add convolution whose tail carries over, and a
+    pre-roll of whole steps (at least the room's length) runs before sample 0
+    so that the first sample already has the reverberant tail. Instead of
+    being measured on the whole recording, the machine gain of each segment
+    is :func:`_expected_power`'s, and the background's is set analytically.
+    """
+
+    def __init__(
+        self,
+        unit: UnitParams,
+        segments: tuple[Segment, ...],
+        snr_db: float,
+        seed: int,
+        sample_rate_hz: int,
+        chunk: int,
+        level: float,
+    ) -> None:
+        sr = sample_rate_hz
+        conditions = draw_conditions(seed)
+        faults = conditions.faults
+        ramp = _ramp_samples(sr)
+        states = [_state(unit, faults, s.fault) for s in segments]
+        tracks = _Tracks.build(states, segments, ramp)
+        phases = _Phases.draw(_rng(_TAG_PHASES, seed))
+        hum = _Hum(tracks.hum_amps, phases.hum, phases.hum_start, sr)
+        self._voice = _Voice(unit, faults, tracks, phases, hum, sr)
+        self._chunk = chunk
+        n_frame = 2 * chunk
+
+        airflow = _airflow_amplitude(unit, n_frame, sr)
+        self._airflow = _NoiseStream(_ShapedFrames(airflow), (_TAG_AIRFLOW, seed), chunk)
+        self._whistle: _NoiseStream | None = None
+        whistle = _WhistleFrames(faults, n_frame, sr)
+        if not tracks.whistle_amp.is_zero:
+            self._whistle = _NoiseStream(whistle, (_TAG_WHISTLE, seed), chunk)
+
+        ir = _room_ir(_rng(_TAG_ROOM, seed), conditions.room, sr)
+        room = _RoomGain(ir, sr)
+        airflow_gain = room.of_noise(airflow, sr)
+        whistle_gain = room.of_noise(whistle.amplitude(), sr)
+        powers = {
+            s: _expected_power(self._voice, s, room, airflow_gain, whistle_gain)
+            for s in set(states)
+        }
+        self._gain = _Track([level / math.sqrt(powers[s]) for s in states], segments, ramp)
+        self._n_fft = _fast_len(chunk + ir.size - 1)
+        self._ir_spectrum = np.fft.rfft(ir, self._n_fft)
+        self._tail: F32 = np.zeros(ir.size - 1, dtype=np.float32)
+        self._next = -math.ceil((ir.size - 1) / chunk)  # pre-roll steps, then step 0
+        self._jitter = _JitterStream(_rng(_TAG_JITTER, seed), unit, self._next * chunk, sr)
+        self._shaft_cycles = phases.shaft
+
+        params = conditions.background
+        self._background = _NoiseStream(
+            _ShapedFrames(_background_amplitude(params, n_frame, sr)),
+            (_TAG_BACKGROUND, seed),
+            chunk,
+        )
+        self._background_tone = params.tone_hz
+        theta1, theta2 = (float(v) for v in _rng(_TAG_BACKGROUND, seed).random(2))
+        self._tone_phase = theta1
+        self._tone_h2 = 10.0 ** (params.tone_h2_db / 20.0) * complex(np.exp(2j * np.pi * theta2))
+        tone_power = 0.0 if params.tone_hz is None else _db_power(params.tone_db)
+        self._tone_amp = math.sqrt(tone_power / ((1.0 + abs(self._tone_h2) ** 2) / 2.0))
+        # Machine at unit power, background at the SNR below it.
+        self._background_gain = level * math.sqrt(_db_power(-snr_db) / (1.0 + tone_power))
+
+        self._machine_out: F32 = np.zeros(0, dtype=np.float32)
+        self._background_out: F32 = np.zeros(0, dtype=np.float32)
+        self._offset = 0
+
+    def take(self, n: int) -> tuple[F32, F32]:
+        """The next ``n`` samples as (machine, background), level applied."""
+        machine = np.empty(n, dtype=np.float32)
+        background = np.empty(n, dtype=np.float32)
+        filled = 0
+        while filled < n:
+            if self._offset == self._machine_out.size:
+                self._render_step()
+            k = min(n - filled, self._machine_out.size - self._offset)
+            machine[filled : filled + k] = self._machine_out[self._offset : self._offset + k]
+            background[filled : filled + k] = self._background_out[self._offset : self._offset + k]
+            filled += k
+            self._offset += k
+        return machine, background
+
+    def _render_step(self) -> None:
+        """Render the next step (after any pre-roll steps) into the output buffers."""
+        while True:
+            j = self._next
+            self._next += 1
+            machine = self._machine_step(j)
+            if j >= 0:
+                break
+        s0 = j * self._chunk
+        self._machine_out = machine
+        self._background_out = self._background_step(s0, s0 + self._chunk)
+        self._offset = 0
+
+    def _machine_step(self, j: int) -> F32:
+        voice, tracks = self._voice, self._voice.tracks
+        sr = voice.sample_rate_hz
+        s0, s1 = j * self._chunk, (j + 1) * self._chunk
+        index = np.arange(s0, s1, dtype=np.float64)
+        increments = (voice.unit.shaft_hz / sr) * (1.0 + self._jitter.at(index))
+        increments *= tracks.speed.block(s0, s1)
+        cycles = np.cumsum(increments)
+        cycles += self._shaft_cycles
+        self._shaft_cycles = float(cycles[-1]) % 1.0
+        whistle = None
+        if self._whistle is not None and not _is_zero(tracks.whistle_amp.block(s0, s1)):
+            whistle = self._whistle.hop(j)
+        dry = voice.block(index, _phasor(cycles), self._airflow.hop(j), whistle)
+
+        # Overlap-add convolution with the room: the part past this step is
+        # the tail that the next step adds on.
+        spectrum = np.fft.rfft(dry.astype(np.float64), self._n_fft)
+        spectrum *= self._ir_spectrum
+        wet = _irfft32(spectrum.astype(np.complex64), self._n_fft)[: s1 - s0 + self._tail.size]
+        wet[: self._tail.size] += self._tail
+        self._tail = wet[s1 - s0 :].copy()
+        gain = self._gain.block(s0, s1)
+        if isinstance(gain, float):
+            return wet[: s1 - s0] * np.float32(gain)
+        return (wet[: s1 - s0] * gain).astype(np.float32)
+
+    def _background_step(self, s0: int, s1: int) -> F32:
+        noise = self._background.hop(s0 // self._chunk)
+        if self._background_tone is not None:
+            cycles = np.arange(s0, s1, dtype=np.float64) * (
+                self._background_tone / self._voice.sample_rate_hz
+            )
+            z = _phasor(cycles + self._tone_phase)
+            noise += np.float32(self._tone_amp) * (
+                z.imag + (np.complex64(self._tone_h2) * z * z).imag
+            )
+        noise *= np.float32(self._background_gain)
+        return noise
+
+
 class ScheduleStream:
-    """An endless recording of ``schedule`` for live demos.
+    """An endless recording of ``schedule`` for live demos, rendered as it is read.
 
-    Each cycle of the schedule is rendered whole (cycle 0 with ``seed``, later
-    ones with seeds derived from it: fresh fault parameters, noise and room
-    each time round), so memory is bounded by one cycle; the read that starts
-    a cycle pays for rendering it (~1 s of CPU per minute at 48 kHz). Cycles
-    join with a 20 ms equal-power crossfade that starts at the cycle boundary,
-    like any other fault change. The level is
-    fixed by the first cycle; later cycles use the same gain, and since every
-    cycle has the same machine and background power the loudness is steady.
+    Each cycle of the schedule is a fresh recording (cycle 0 with ``seed``,
+    later ones with seeds derived from it: new fault parameters, noise and
+    room each time round). Cycles join with a 20 ms equal-power crossfade that
+    starts at the cycle boundary, like any other fault change.
 
-    ``read(n)`` returns exactly ``n`` samples; the output does not depend on
-    how reads are sized. With ``loop=False`` the schedule plays once and is
-    followed by silence, for which :meth:`fault_at` raises ``IndexError``.
+    Rendering is incremental: a read renders only the steps of
+    :data:`_STREAM_CHUNK_S` (0.5 s) it needs, so CPU per read is proportional
+    to the audio read (plus one room-length pre-roll step at each cycle start)
+    and the stream holds a few MB whatever the schedule's length. Tones stay
+    phase-continuous across steps, broadband noises are overlap-added
+    independent frames with power-complementary windows (stationary, no seams),
+    and the room's reverberant tail carries over. The samples therefore differ
+    from :func:`render_schedule`'s for the same arguments, with the same
+    statistics: fault changes at the same samples with the same ramps, and
+    every segment at SNR ``snr_db`` within a fraction of a dB.
+
+    **Level**: one constant gain for the whole stream, fixed without rendering:
+    the machine's expected power is 1 in every segment (its per-segment gain
+    comes from the room's response and the state's spectrum, see
+    :func:`_expected_power`) and the background's is set by the SNR, so the
+    RMS is known; it is set :data:`_STREAM_CREST_DB` (13 dB, the median crest
+    of a 10 s mixture) below :attr:`peak_dbfs`, the seed's drawn level mapped
+    into −33…−9.5 dBFS. Peaks over 10 s then land within about ±2 dB of it,
+    inside −35…−6 dBFS.
+
+    ``read(n)`` returns exactly ``n`` samples; the output depends only on
+    (unit, schedule, snr_db, seed, sample_rate_hz, loop), never on how reads
+    are sized. With ``loop=False`` the schedule plays once and is followed by
+    silence, for which :meth:`fault_at` raises ``IndexError``.
     """
 
     def __init__(
@@ -1059,6 +1474,8 @@ class ScheduleStream:
         loop: bool = True,
     ) -> None:
         _check_seed(seed)
+        if not math.isfinite(snr_db):
+            raise ValueError(f"snr_db must be finite, got {snr_db}")
         self._unit = unit
         self._segments = schedule_segments(schedule, sample_rate_hz)
         self._starts = [s.start for s in self._segments]
@@ -1069,17 +1486,20 @@ class ScheduleStream:
         self._cycle = self._segments[-1].stop
         self._xfade = _ramp_samples(sample_rate_hz) if loop else 0
         last = self._segments[-1]
-        # Render each cycle a crossfade longer (the last state carries on)
-        # so the join can overlap without shifting the timeline.
+        # Each cycle plays a crossfade longer (the last state carries on) so
+        # the join can overlap without shifting the timeline.
         self._render_segments = (
             *self._segments[:-1],
             Segment(last.fault, last.start, last.stop + self._xfade),
         )
-        self._gain: float | None = None
+        self._chunk = _stream_chunk(sample_rate_hz)
+        self._peak_dbfs = _stream_peak_dbfs(seed)
+        rms = 10.0 ** ((self._peak_dbfs - _STREAM_CREST_DB) / 20.0)
+        self._level = rms / math.sqrt(1.0 + _db_power(-self._snr_db))
         self._position = 0
         self._cycle_index = -1
-        self._buffer: F32 = np.zeros(0, dtype=np.float32)
-        self._tail: F32 = np.zeros(0, dtype=np.float32)
+        self._current: _CycleRenderer | None = None
+        self._previous: _CycleRenderer | None = None  # finishing its crossfade tail
 
     @property
     def sample_rate_hz(self) -> int:
@@ -1101,6 +1521,16 @@ class ScheduleStream:
         """Absolute index of the next sample :meth:`read` returns."""
         return self._position
 
+    @property
+    def peak_dbfs(self) -> float:
+        """The nominal peak level the stream's constant gain is set for (see the class doc)."""
+        return self._peak_dbfs
+
+    @property
+    def chunk_samples(self) -> int:
+        """Samples rendered per internal step."""
+        return self._chunk
+
     def fault_at(self, sample_index: int) -> str:
         """The class playing at absolute ``sample_index`` (from the boundary on)."""
         if sample_index < 0:
@@ -1112,38 +1542,65 @@ class ScheduleStream:
 
     def read(self, n_samples: int) -> F32:
         """The next ``n_samples`` samples (float32, −1…1)."""
+        machine, background = self.read_parts(n_samples)
+        machine += background
+        return np.clip(machine, -1.0, 1.0, out=machine)
+
+    def read_parts(self, n_samples: int) -> tuple[F32, F32]:
+        """The next ``n_samples`` as (machine, background), level applied, unclipped.
+
+        :meth:`read` returns their sum, clipped to −1…1; a stream is read one
+        way or the other (both advance :attr:`position`).
+        """
         if n_samples < 0:
             raise ValueError(f"n_samples must be >= 0, got {n_samples}")
-        out = np.empty(n_samples, dtype=np.float32)
+        machine = np.zeros(n_samples, dtype=np.float32)
+        background = np.zeros(n_samples, dtype=np.float32)
         filled = 0
         while filled < n_samples:
             cycle, offset = divmod(self._position, self._cycle)
-            take = min(n_samples - filled, self._cycle - offset)
             if cycle > 0 and not self._loop:
-                out[filled : filled + take] = 0.0
+                take = n_samples - filled  # silence after the end
+            elif cycle > 0 and offset < self._xfade:
+                take = min(n_samples - filled, self._xfade - offset)
+                self._crossfade(cycle, offset, machine[filled:], background[filled:], take)
             else:
-                self._ensure_cycle(cycle)
-                out[filled : filled + take] = self._buffer[offset : offset + take]
+                take = min(n_samples - filled, self._cycle - offset)
+                m, b = self._renderer(cycle).take(take)
+                machine[filled : filled + take] = m
+                background[filled : filled + take] = b
             filled += take
             self._position += take
-        return out
+        return machine, background
 
-    def _ensure_cycle(self, cycle: int) -> None:
-        """Make ``cycle`` the buffered one (reads only move forward, one cycle at a time)."""
-        if cycle == self._cycle_index:
-            return
-        seed = self._seed if cycle == 0 else _derive_seed(self._seed, cycle)
-        raw = _render(self._unit, self._render_segments, self._snr_db, seed, self._rate)
-        if self._gain is None:
-            self._gain = raw.gain
-        audio = np.clip((raw.machine + raw.background) * self._gain, -1.0, 1.0)
-        audio32 = audio.astype(np.float32)
-        head = audio32[: self._xfade]
-        if cycle > 0 and self._xfade:
-            # Equal-power: the two cycles are uncorrelated noises and tones.
-            t = (np.arange(self._xfade, dtype=np.float64) + 0.5) / self._xfade * (np.pi / 2)
-            head[:] = head * np.sin(t) + self._tail * np.cos(t)
-        self._buffer = audio32[: self._cycle]
-        self._tail = audio32[self._cycle :].copy()
-        self._cycle_index = cycle
-        logger.debug("fansim stream: rendered cycle %d (%d samples)", cycle, self._cycle)
+    def _crossfade(self, cycle: int, offset: int, machine: F32, background: F32, n: int) -> None:
+        """Write ``n`` samples of the join into cycle ``cycle`` (equal power: the
+        two cycles are uncorrelated noises and tones)."""
+        new = self._renderer(cycle)
+        assert self._previous is not None
+        old_m, old_b = self._previous.take(n)
+        new_m, new_b = new.take(n)
+        t = (np.arange(offset, offset + n, dtype=np.float64) + 0.5) * (np.pi / 2 / self._xfade)
+        fade_in, fade_out = np.sin(t), np.cos(t)
+        machine[:n] = new_m * fade_in + old_m * fade_out
+        background[:n] = new_b * fade_in + old_b * fade_out
+        if offset + n == self._xfade:
+            self._previous = None
+
+    def _renderer(self, cycle: int) -> _CycleRenderer:
+        """The renderer of ``cycle`` (reads only move forward, one cycle at a time)."""
+        if cycle != self._cycle_index or self._current is None:
+            seed = self._seed if cycle == 0 else _derive_seed(self._seed, cycle)
+            self._previous = self._current if self._xfade else None
+            self._current = _CycleRenderer(
+                self._unit,
+                self._render_segments,
+                self._snr_db,
+                seed,
+                self._rate,
+                self._chunk,
+                self._level,
+            )
+            self._cycle_index = cycle
+            logger.debug("fansim stream: cycle %d starts at sample %d", cycle, self._position)
+        return self._current
