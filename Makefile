@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Runtime: PortAudio for capture. Tests: mosquitto (+TLS via openssl), sox and
 # ALSA utilities for the virtual microphone.
 APT_RUN := libportaudio2 python3-venv
-APT_TEST := $(APT_RUN) mosquitto mosquitto-clients openssl sox alsa-utils
+APT_TEST := $(APT_RUN) mosquitto mosquitto-clients openssl sox alsa-utils chromium chromium-driver
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: run test pytest bench lint train clean setup-run setup-test setup-train
@@ -19,6 +19,10 @@ test: setup-test lint pytest
 
 pytest: setup-test
 	$(BIN)/python -m pytest -q
+	# The MQTT code must also work with paho-mqtt 1.6 (azure-iot-device pins it).
+	tools/paho1-venv.sh
+	SOUNDWATCH_EXPECT_PAHO=1 build/venv-paho1/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_outbox.py tests/test_mqtt.py tests/test_mqtt_outage.py
 
 lint: setup-test
 	$(BIN)/ruff check module tools tests
@@ -50,6 +54,7 @@ $(VENV)/.test-ok: pyproject.toml $(VENV)/.system-run-ok
 	touch $@
 
 $(VENV)/.train-ok: pyproject.toml $(VENV)/.system-run-ok
+	tools/setup-system.sh $(APT_TEST)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,dev]'
 	touch $@
 

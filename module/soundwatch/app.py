@@ -76,12 +76,20 @@ class Stats:
         default_factory=lambda: collections.defaultdict(list)
     )
     started_at: float = field(default_factory=time.time)
+    # Called with every timing, in the pipeline thread (e.g. /metrics
+    # histograms, which need every observation, not the rolling window).
+    observers: list[Callable[[str, float], None]] = field(default_factory=list)
 
     def observe(self, stage: str, seconds: float) -> None:
         samples = self.stage_seconds[stage]
         samples.append(seconds)
         if len(samples) > 1000:  # a rolling window is enough for p50/p95
             del samples[:500]
+        for observer in self.observers:
+            try:
+                observer(stage, seconds)
+            except Exception:  # instrumentation must never stop the pipeline
+                logger.exception("stage observer failed")
 
 
 class Runtime:
@@ -112,7 +120,10 @@ class Runtime:
         )
         self.stats = Stats()
         self._lock = threading.Lock()
-        self._decision = DecisionState(decision_config(config, self.bundle))
+        try:
+            self._decision = DecisionState(decision_config(config, self.bundle))
+        except DecisionConfigError as e:
+            raise ConfigError("<config>", [("decision", None, str(e))]) from e
         self._features = self._make_features(config)
         self._latest_state: dict[str, Any] | None = None
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
@@ -180,10 +191,14 @@ class Runtime:
     def health(self) -> dict[str, Any]:
         src: SourceHealth = self.source.health()
         sinks = {s.name: s.health() for s in self.sinks}
+        # A sink that cannot reach its broker keeps events in its outbox, so
+        # the module is still doing its job: that is "degraded", not unhealthy
+        # (an orchestrator restarting us would not bring the broker back).
         sinks_ok = all(h.get("healthy", True) for h in sinks.values())
-        healthy = src.healthy and sinks_ok and not (self._ended and self._running)
+        healthy = src.healthy and not (self._ended and self._running)
         return {
             "healthy": healthy,
+            "degraded": not sinks_ok,
             "source": {
                 "healthy": src.healthy,
                 "state": src.state,

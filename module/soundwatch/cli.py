@@ -78,6 +78,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failures else EXIT_OK
 
 
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from soundwatch.selftest import main as selftest_main
+
+    return selftest_main(args.args)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from soundwatch.bundle import BundleError, load_bundle
 
@@ -109,12 +115,43 @@ def _parse_source(text: str) -> dict[str, Any]:
 
 
 def _parse_sink(text: str) -> dict[str, Any]:
+    """``console``, ``jsonl:PATH``, ``mqtt://[user@]host[:port]`` or ``mqtts://...``.
+
+    MQTT passwords never go on the command line: set ``$MQTT_PASSWORD``.
+    """
     kind, _, rest = text.partition(":")
     if kind == "console" and not rest:
         return {"type": "console"}
     if kind == "jsonl" and rest:
         return {"type": "jsonl", "path": rest}
-    raise argparse.ArgumentTypeError(f"unknown sink {text!r}: use console or jsonl:PATH")
+    if kind in ("mqtt", "mqtts") and rest.startswith("//"):
+        from urllib.parse import unquote, urlsplit
+
+        url = urlsplit(text)
+        try:
+            port = url.port
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"sink {text!r}: bad port ({e})") from e
+        if url.password is not None:
+            raise argparse.ArgumentTypeError(
+                f"sink {text!r}: do not put the password in the URL; set $MQTT_PASSWORD"
+            )
+        if not url.hostname or url.path not in ("", "/") or url.query or url.fragment:
+            raise argparse.ArgumentTypeError(
+                f"sink {text!r}: use {kind}://[user@]host[:port] (no path or query)"
+            )
+        sink: dict[str, Any] = {"type": "mqtt", "host": url.hostname}
+        if port is not None:
+            sink["port"] = port
+        if url.username:
+            sink["username"] = unquote(url.username)
+        if kind == "mqtts":
+            sink["tls"] = {"enabled": True}
+        return sink
+    raise argparse.ArgumentTypeError(
+        f"unknown sink {text!r}: use console, jsonl:PATH, mqtt://[user@]host[:port] "
+        "or mqtts://[user@]host[:port]"
+    )
 
 
 def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,6 +207,7 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 def _build_runtime(config: Config) -> Runtime | None:
     from soundwatch.app import Runtime
     from soundwatch.bundle import BundleError
+    from soundwatch.config import ConfigError
     from soundwatch.model import ModelError
     from soundwatch.sinks import SinkError
     from soundwatch.sources import SourceError
@@ -182,6 +220,8 @@ def _build_runtime(config: Config) -> Runtime | None:
         print(f"soundwatch: source: {e}", file=sys.stderr)
     except SinkError as e:
         print(f"soundwatch: sink: {e}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"soundwatch: {e}", file=sys.stderr)
     return None
 
 
@@ -378,9 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_devices)
 
+    p = sub.add_parser("selftest", help="check the bundle, sample clips and pipeline here")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the self-test")
+    p.set_defaults(func=_cmd_selftest)
+
     p = sub.add_parser("info", help="describe the model bundle")
     add_bundle(p)
     p.set_defaults(func=_cmd_info)
+
+    from soundwatch.http.cli import add_serve_parser  # light: Flask loads only in `serve`
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -393,7 +441,10 @@ def _add_run_options(p: argparse.ArgumentParser, add_bundle: Any) -> None:
     )
     p.add_argument("--hop", type=float, help="hop in seconds (whole STFT frames; 1 -> 0.998)")
     p.add_argument(
-        "--sink", type=_parse_sink, action="append", help="console | jsonl:PATH (repeatable)"
+        "--sink",
+        type=_parse_sink,
+        action="append",
+        help="console | jsonl:PATH | mqtt[s]://[user@]host[:port] (repeatable)",
     )
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--realtime", dest="pacing", action="store_const", const="realtime")
@@ -401,6 +452,9 @@ def _add_run_options(p: argparse.ArgumentParser, add_bundle: Any) -> None:
     p.add_argument("--loop", action="store_true", help="loop a file source")
     p.add_argument("--state-dir", type=Path, help="sequence counter, outbox, recordings")
     p.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API (e.g. 127.0.0.1:5000)")
+    from soundwatch.http.cli import add_http_options  # light: Flask loads only when serving
+
+    add_http_options(p, prefix="http-")
     add_bundle(p)
 
 

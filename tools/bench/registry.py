@@ -34,4 +34,29 @@ SECTIONS: list[Section] = [
         what="one 40x433 window through the model, LiteRT in this process and Keras in "
         "one child per thread count",
     ),
+    Section(
+        name="stream",
+        title="Streaming: per 1 s hop, and `soundwatch run` sustained",
+        func="tools.bench.stream:run",
+        one_core=True,
+        what="rows 1-5: one 1 s hop, incremental against recomputing the 10 s window, one "
+        "core, in one process, interleaved; rows 6-9: `soundwatch run` and a seeds-style "
+        "loop streaming in real time side by side as processes without thread pins",
+    ),
+    Section(
+        name="http",
+        title="HTTP API: POST /inference",
+        func="tools.bench.http_bench:run",
+        one_core=False,
+        what="soundwatch serve against a seeds-style Flask + librosa + Keras server, both on "
+        "waitress as processes, 1 and 4 concurrent clients over loopback",
+    ),
+    Section(
+        name="mqtt",
+        title="MQTT publish and delivery",
+        func="tools.bench.mqtt_bench:run",
+        one_core=False,
+        what="QoS 1 to a loopback mosquitto: outbox throughput, and the real pipeline's events "
+        "to a mosquitto_sub process",
+    ),
 ]

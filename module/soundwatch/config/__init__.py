@@ -21,7 +21,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from soundwatch.config.yamlsrc import (
     ConfigSyntaxError,
@@ -137,7 +145,7 @@ class WindowConfig(_Strict):
 
 class ClassThreshold(_Strict):
     on: float = Field(..., gt=0, le=1, description="probability that votes for the class")
-    off: float = Field(..., ge=0, le=1, description="below this the anomaly is over")
+    off: float = Field(..., gt=0, le=1, description="below this the anomaly is over")
 
     @model_validator(mode="after")
     def _off_le_on(self) -> ClassThreshold:
@@ -181,7 +189,210 @@ class JsonlSinkConfig(_Strict):
     include_state: bool = False
 
 
-SinkConfig = Annotated[ConsoleSinkConfig | JsonlSinkConfig, Field(discriminator="type")]
+class MqttTlsConfig(_Strict):
+    enabled: bool = Field(False, description="use TLS (also on when ca, cert or key is set)")
+    ca: Path | None = Field(
+        None, description="CA that signed the broker's certificate; null = system CAs"
+    )
+    cert: Path | None = Field(
+        None, description="client certificate (PEM) for brokers that require one"
+    )
+    key: Path | None = Field(None, description="the client certificate's private key (PEM)")
+    insecure: bool = Field(False, description="skip the broker host name check (tests only)")
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> MqttTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: set both or neither")
+        return self
+
+
+class MqttOutboxConfig(_Strict):
+    path: Path | None = Field(
+        None, description="SQLite file; null = <state_dir>/outbox-<sink name>.sqlite3"
+    )
+    max_events: int = Field(10_000, ge=1, description="bound on waiting events")
+    max_bytes: int = Field(50_000_000, ge=1024, description="bound on their total size")
+    max_age_s: float = Field(
+        604_800.0, gt=0, description="events waiting longer are dropped (7 days)"
+    )
+    overflow: Literal["drop_oldest", "reject_new"] = Field(
+        "drop_oldest", description="what a full outbox drops; drops are counted and logged"
+    )
+
+
+class MqttReconnectConfig(_Strict):
+    min_delay_s: float = Field(1.0, gt=0, le=3600, description="first reconnect delay")
+    max_delay_s: float = Field(60.0, gt=0, le=3600, description="the delay doubles up to this")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> MqttReconnectConfig:
+        if self.min_delay_s > self.max_delay_s:
+            raise ValueError(
+                f"min_delay_s ({self.min_delay_s}) must not exceed max_delay_s ({self.max_delay_s})"
+            )
+        return self
+
+
+class HaDiscoveryConfig(_Strict):
+    enabled: bool = Field(False, description="publish Home Assistant discovery config")
+    prefix: str = Field("homeassistant", min_length=1, description="HA's discovery prefix")
+
+
+_TOPIC_PLACEHOLDERS = ("{device_id}", "{module_id}")
+
+
+class MqttSinkConfig(_Strict):
+    type: Literal["mqtt"] = "mqtt"
+    name: str = Field(
+        "mqtt",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="names the sink in health and its default outbox file",
+    )
+    host: str = Field(..., min_length=1)
+    port: int | None = Field(None, ge=1, le=65535, description="null = 1883, or 8883 with TLS")
+    tls: MqttTlsConfig = MqttTlsConfig()
+    username: str | None = None
+    password: str | None = Field(
+        None, repr=False, description="use ${VAR}; null = read the variable password_env names"
+    )
+    password_env: str | None = Field(
+        "MQTT_PASSWORD", description="environment variable with the password, if password is null"
+    )
+    client_id: str = Field(
+        "{module_id}-{device_id}", min_length=1, max_length=128, description="MQTT client id"
+    )
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    qos: Literal[1, 2] = Field(1, description="for events; the outbox needs broker acks")
+    retain: bool = Field(True, description="retain status, state and health (never events)")
+    topic_prefix: str = Field(
+        "soundwatch/{device_id}", min_length=1, description="{device_id}, {module_id} allowed"
+    )
+    include_state: bool = Field(True, description="publish the latest state (retained)")
+    state_min_interval_s: float = Field(
+        5.0, ge=0, description="state rate limit; a class change is published at once"
+    )
+    health_interval_s: float = Field(30.0, gt=0, description="retained health every N s")
+    max_inflight: int = Field(20, ge=1, le=1000, description="events awaiting PUBACK at once")
+    connect_timeout_s: float = Field(10.0, gt=0, le=120)
+    outbox: MqttOutboxConfig = MqttOutboxConfig()
+    reconnect: MqttReconnectConfig = MqttReconnectConfig()
+    ha_discovery: HaDiscoveryConfig = HaDiscoveryConfig()
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_ok(cls, v: str) -> str:
+        rest = v
+        for placeholder in _TOPIC_PLACEHOLDERS:
+            rest = rest.replace(placeholder, "")
+        if any(c in rest for c in "+#{}\0") or not v.strip("/"):
+            raise ValueError(
+                "must be a non-empty MQTT topic without wildcards (+, #); "
+                "placeholders: {device_id}, {module_id}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _discovery_needs_state(self) -> MqttSinkConfig:
+        if self.ha_discovery.enabled and not self.include_state:
+            raise ValueError("ha_discovery reads the state topic: it needs include_state: true")
+        return self
+
+    def resolved(self, device_id: str, module_id: str, state_dir: Path) -> MqttSinkConfig:
+        """Placeholders filled in and the default outbox path made concrete."""
+
+        def fill(text: str) -> str:
+            return text.replace("{device_id}", device_id).replace("{module_id}", module_id)
+
+        outbox = self.outbox
+        if outbox.path is None:
+            outbox = outbox.model_copy(update={"path": state_dir / f"outbox-{self.name}.sqlite3"})
+        return self.model_copy(
+            update={
+                "topic_prefix": fill(self.topic_prefix),
+                "client_id": fill(self.client_id),
+                "outbox": outbox,
+            }
+        )
+
+
+class IotHubSinkConfig(_Strict):
+    """Azure IoT Hub / IoT Edge (edgeHub) through azure-iot-device (``pip install .[iotedge]``)."""
+
+    type: Literal["iothub"] = "iothub"
+    name: str = Field(
+        "iothub",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="names the sink in health and its default outbox file",
+    )
+    connection_string: str | None = Field(
+        None,
+        repr=False,
+        description="device or module connection string (use ${VAR}); null = read "
+        "connection_string_env, else the IoT Edge environment",
+    )
+    connection_string_env: str | None = Field(
+        "IOTHUB_CONNECTION_STRING",
+        description="environment variable with the connection string, if connection_string is null",
+    )
+    events_output: str = Field(
+        "anomalies", min_length=1, description="module output for anomaly events"
+    )
+    telemetry_output: str = Field(
+        "telemetry", min_length=1, description="module output for state messages"
+    )
+    include_state: bool = Field(True, description="send the latest state on telemetry_output")
+    state_min_interval_s: float = Field(
+        60.0, ge=0, description="state rate limit; a class change is sent at once"
+    )
+    twin: bool = Field(True, description="apply desired properties live; report the config")
+    methods: bool = Field(True, description="answer getStatus, setThresholds and getRecentEvents")
+    keepalive_s: int = Field(60, ge=5, le=1740)
+    connect_timeout_s: float = Field(30.0, gt=0, le=300)
+    outbox: MqttOutboxConfig = MqttOutboxConfig()
+    reconnect: MqttReconnectConfig = MqttReconnectConfig()
+
+    def resolved(self, device_id: str, module_id: str, state_dir: Path) -> IotHubSinkConfig:
+        """The default outbox path made concrete."""
+        if self.outbox.path is not None:
+            return self
+        outbox = self.outbox.model_copy(update={"path": state_dir / f"outbox-{self.name}.sqlite3"})
+        return self.model_copy(update={"outbox": outbox})
+
+
+SinkConfig = Annotated[
+    ConsoleSinkConfig | JsonlSinkConfig | MqttSinkConfig | IotHubSinkConfig,
+    Field(discriminator="type"),
+]
+
+
+def _resolve_sinks(
+    sinks: tuple[Any, ...], device_id: str, module_id: str, state_dir: Path
+) -> tuple[Any, ...]:
+    """Fill in the MQTT sinks' placeholders; each outbox sink must get its own file."""
+    for label, value in (("device_id", device_id), ("module_id", module_id)):
+        if any(c in value for c in "+#/") and any(
+            isinstance(s, MqttSinkConfig) and "{" + label + "}" in s.topic_prefix for s in sinks
+        ):
+            raise ValueError(
+                f"{label} {value!r} contains +, # or /, which cannot go into an MQTT topic; "
+                "set topic_prefix explicitly"
+            )
+    out: list[Any] = []
+    outboxes: dict[Path, str] = {}
+    for sink in sinks:
+        if isinstance(sink, MqttSinkConfig | IotHubSinkConfig):
+            sink = sink.resolved(device_id, module_id, state_dir)
+            path = sink.outbox.path
+            assert path is not None
+            if path in outboxes:
+                raise ValueError(
+                    f"sinks {outboxes[path]!r} and {sink.name!r} share the outbox {path}; "
+                    "give each a different name or outbox.path"
+                )
+            outboxes[path] = sink.name
+        out.append(sink)
+    return tuple(out)
 
 
 def _default_device_id() -> str:
@@ -204,6 +415,18 @@ class Config(_Strict):
     decision: DecisionConfigModel = DecisionConfigModel()
     sinks: tuple[SinkConfig, ...] = (ConsoleSinkConfig(),)
 
+    @field_validator("sinks")
+    @classmethod
+    def _resolve_sink_placeholders(
+        cls, sinks: tuple[Any, ...], info: ValidationInfo
+    ) -> tuple[Any, ...]:
+        device_id = info.data.get("device_id")
+        module_id = info.data.get("module_id")
+        state_dir = info.data.get("state_dir")
+        if device_id is None or module_id is None or state_dir is None:
+            return sinks  # an error in those fields is reported on its own
+        return _resolve_sinks(sinks, str(device_id), str(module_id), Path(state_dir))
+
 
 def _yaml_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
     """Drop pydantic's union-tag segments (``source.mic.x`` -> ``source.x``)."""
@@ -217,7 +440,7 @@ def _yaml_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
     return tuple(out)
 
 
-_UNION_TAGS = {"mic", "file", "simulator", "console", "jsonl"}
+_UNION_TAGS = {"mic", "file", "simulator", "console", "jsonl", "mqtt", "iothub"}
 
 
 def _problems(e: ValidationError, located: Located | None) -> list[tuple[str, int | None, str]]:

@@ -33,6 +33,7 @@ SinkFactory = Callable[..., Sink]
 _BUILTIN: dict[str, str] = {
     "console": "soundwatch.sinks.console:ConsoleSink",
     "jsonl": "soundwatch.sinks.jsonl:JsonlSink",
+    "mqtt": "soundwatch.sinks.mqtt:MqttSink",
 }
 _registry: dict[str, str | SinkFactory] = dict(_BUILTIN)
 

@@ -1,0 +1,603 @@
+"""The HTTP API: a Flask app over a model bundle and, when running, the pipeline.
+
+Two ways to build it:
+
+- beside a running :class:`soundwatch.app.Runtime` (``soundwatch run --http``):
+  every route works, and ``/health``, ``/events``, ``/state`` and ``/metrics``
+  describe the live pipeline;
+- with a bundle alone (``soundwatch serve``), as the seeds' server was: the
+  model answers uploads, and health reports model-only readiness.
+
+Uploads are classified by a small pool of :class:`ClipClassifier`, never by
+the pipeline's own model: a LiteRT interpreter is not re-entrant, and the
+pipeline must not wait behind an HTTP client. Nothing a request does can stop
+the pipeline; a request's failure ends as a JSON error for that request.
+
+Errors are JSON objects ``{"Error": message, "Code": code}`` with a status of
+400 (bad input), 401 (token), 404, 405, 413 (too large), 415 (not audio or
+not multipart) or 503 (busy). See ``openapi.yaml`` beside this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hmac
+import importlib.metadata
+import logging
+import math
+import queue
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, cast, overload
+
+import soundfile as sf
+from flask import Flask, Response, g, jsonify, render_template, request, send_file
+from markupsafe import Markup
+from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from soundwatch import __version__
+from soundwatch.audio import AudioError
+from soundwatch.classify import Classification, ClipClassifier
+from soundwatch.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from soundwatch.http.metrics import ApiMetrics
+
+if TYPE_CHECKING:
+    from soundwatch.app import Runtime
+    from soundwatch.bundle import Bundle
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+OPENAPI_PATH = HERE / "openapi.yaml"
+MIB = 1024 * 1024
+DEFAULT_MAX_UPLOAD_BYTES = 32 * MIB
+# Room for the multipart envelope (boundaries, part headers, other small
+# fields) on top of the file itself, so a file exactly at the limit passes.
+MULTIPART_SLACK_BYTES = 64 * 1024
+MAX_EVENTS_PAGE = 500
+UPLOAD_FIELD = "file"
+
+# Routes that show data or do work need the token (when one is set). The
+# rest hold nothing private: the liveness probe (the Docker HEALTHCHECK has
+# no token), the page and its assets (they fetch their data through the
+# protected routes), the README and the API description.
+PUBLIC_ENDPOINTS = frozenset({"health", "index", "static", "docs", "openapi"})
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """What the API enforces; the server's own limits derive from these."""
+
+    token: str | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    # Uploads classified at once; more wait (up to classifier_wait_s) for a
+    # free classifier, then get 503. One per core keeps latency predictable.
+    classifiers: int = 2
+    classifier_wait_s: float = 30.0
+    readme_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1024:
+            raise ValueError("max_upload_bytes must be at least 1 KiB")
+        if self.classifiers < 1:
+            raise ValueError("classifiers must be >= 1")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the bearer token must not be empty")
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request body the server accepts: the upload plus its envelope."""
+        return self.max_upload_bytes + MULTIPART_SLACK_BYTES
+
+
+class ApiError(Exception):
+    """An error answered as ``{"Error": message, "Code": code}`` with ``status``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class ClassifierPool:
+    """A fixed set of clip classifiers shared by the request threads."""
+
+    def __init__(self, bundle: Bundle, size: int, threads: int = 1) -> None:
+        self.size = size
+        self._free: queue.LifoQueue[ClipClassifier] = queue.LifoQueue()
+        for _ in range(size):
+            self._free.put(ClipClassifier(bundle, threads=threads))
+        probe = self._free.get()
+        self.backend: str = probe.model.backend
+        self.window_s: float = probe.window_s
+        self._free.put(probe)
+
+    @contextlib.contextmanager
+    def acquire(self, timeout_s: float) -> Iterator[ClipClassifier]:
+        """A classifier for this thread alone; raises :class:`ApiError` (503) when all stay busy."""
+        try:
+            classifier = self._free.get(timeout=timeout_s)
+        except queue.Empty:
+            raise ApiError(
+                503,
+                "busy",
+                f"all {self.size} classifiers stayed busy for {timeout_s:g} s; retry later",
+                {"Retry-After": "1"},
+            ) from None
+        try:
+            yield classifier
+        finally:
+            self._free.put(classifier)
+
+
+@dataclass
+class Api:
+    """What the routes use: the model, the pool, the runtime if any, the metrics."""
+
+    bundle: Bundle
+    pool: ClassifierPool
+    runtime: Runtime | None
+    settings: HttpSettings
+    metrics: ApiMetrics
+    started_at: float
+
+    @property
+    def mode(self) -> str:
+        return "run" if self.runtime is not None else "serve"
+
+    def health(self) -> dict[str, Any]:
+        if self.runtime is not None:
+            doc = self.runtime.health()
+        else:
+            # serve: no source and no sinks; ready as soon as the model loaded.
+            doc = {
+                "healthy": True,
+                "source": None,
+                "model": {
+                    "healthy": True,
+                    "version": self.bundle.model_version,
+                    "backend": self.pool.backend,
+                },
+                "sinks": {},
+                "windows": 0,
+                "events": {},
+                "uptime_s": round(time.time() - self.started_at, 1),
+            }
+        doc["mode"] = self.mode
+        return doc
+
+
+def create_app(
+    bundle: Bundle,
+    *,
+    runtime: Runtime | None = None,
+    settings: HttpSettings | None = None,
+    pool: ClassifierPool | None = None,
+) -> Flask:
+    """The WSGI app. ``runtime`` is the live pipeline, or ``None`` for ``serve``."""
+    settings = settings or HttpSettings()
+    pool = pool or ClassifierPool(bundle, settings.classifiers)
+    api = Api(
+        bundle=bundle,
+        pool=pool,
+        runtime=runtime,
+        settings=settings,
+        metrics=ApiMetrics(bundle, pool.backend, runtime),
+        started_at=time.time(),
+    )
+    app = Flask(__name__, static_folder="static", template_folder="templates")
+    # Werkzeug refuses larger bodies with 413 before parsing them; the server
+    # (waitress) enforces the same limit before buffering them.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seeds' key order
+    app.extensions["soundwatch"] = api
+
+    app.before_request(functools.partial(_before, api))
+    app.after_request(functools.partial(_after, api))
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(HTTPException, functools.partial(_http_error, api))
+    app.register_error_handler(Exception, _unexpected_error)
+
+    def route(rules: str, endpoint: str, view: Callable[[Api], Any], **options: Any) -> None:
+        bound = functools.partial(view, api)
+        for rule in rules.split():
+            app.add_url_rule(rule, endpoint, bound, **options)
+
+    route("/health", "health", _health)
+    route("/", "index", _index)
+    route("/info", "info", _info)
+    # /predict: the name the seeds' siblings used for the same thing.
+    route("/inference /predict", "inference", _inference, methods=["POST"])
+    route("/events", "events", _events)
+    route("/state", "state", _state)
+    route("/metrics", "metrics", _metrics)
+    route("/docs", "docs", _docs)
+    route("/openapi.yaml", "openapi", _openapi)
+    return app
+
+
+def api_of(app: Flask) -> Api:
+    """The :class:`Api` behind an app made by :func:`create_app`."""
+    return cast(Api, app.extensions["soundwatch"])
+
+
+# --- request hooks ------------------------------------------------------------
+
+
+def _before(api: Api) -> None:
+    g.started = time.perf_counter()
+    token = api.settings.token
+    if token is None or request.endpoint in PUBLIC_ENDPOINTS or request.endpoint is None:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "this route needs 'Authorization: Bearer <token>' (see SOUNDWATCH_HTTP_TOKEN)",
+            {"WWW-Authenticate": 'Bearer realm="soundwatch"'},
+        )
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "the bearer token is wrong",
+            {"WWW-Authenticate": 'Bearer realm="soundwatch", error="invalid_token"'},
+        )
+
+
+def _after(api: Api, response: Response) -> Response:
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    if response.mimetype == "text/html":
+        # Everything the page needs comes from this server: no CDN, no inline code.
+        headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        )
+    if response.mimetype == "application/json":
+        headers.setdefault("Cache-Control", "no-store")
+    rule = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+    started = g.get("started")
+    elapsed = time.perf_counter() - started if started is not None else 0.0
+    api.metrics.observe_request(rule, request.method, response.status_code, elapsed)
+    return response
+
+
+def _error_response(status: int, code: str, message: str, headers: Mapping[str, str]) -> Response:
+    response = jsonify({"Error": message, "Code": code})
+    response.status_code = status
+    for key, value in headers.items():
+        response.headers[key] = value
+    return response
+
+
+def _api_error(e: ApiError) -> Response:
+    if e.status >= 500:
+        logger.warning("%s %s: %s", request.method, request.path, e.message)
+    else:
+        logger.info("%s %s: %d %s: %s", request.method, request.path, e.status, e.code, e.message)
+    return _error_response(e.status, e.code, e.message, e.headers)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _http_error(api: Api, e: HTTPException) -> Response:
+    status = e.code or 500
+    if isinstance(e, RequestEntityTooLarge):
+        message = _too_large_message(api.settings.max_upload_bytes)
+    elif status == 404:
+        message = f"no route {request.path}; see /openapi.yaml"
+    elif status == 405:
+        allowed = ", ".join(e.valid_methods or []) if hasattr(e, "valid_methods") else ""
+        message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+    else:
+        message = e.description or e.name
+    headers = {k: v for k, v in e.get_headers() if k.lower() in ("allow", "retry-after")}
+    return _error_response(status, _HTTP_CODES.get(status, "http_error"), message, headers)
+
+
+def _unexpected_error(e: Exception) -> Response:
+    # One request failed; the server and the pipeline carry on.
+    logger.exception("%s %s failed", request.method, request.path)
+    return _error_response(500, "internal", f"internal error: {type(e).__name__}", {})
+
+
+def _too_large_message(limit: int) -> str:
+    return (
+        f"upload too large: the limit is {limit} bytes ({limit / MIB:g} MiB); "
+        "the model looks at the first 10 s, so send a shorter clip"
+    )
+
+
+# --- routes -------------------------------------------------------------------
+
+
+def _health(api: Api) -> tuple[Response, int]:
+    doc = _json_safe(api.health())
+    return jsonify(doc), 200 if doc.get("healthy") else 503
+
+
+def _index(api: Api) -> str:
+    return render_template(
+        "index.html",
+        version=__version__,
+        mode=api.mode,
+        model_version=api.bundle.model_version,
+        auth_required=api.settings.token is not None,
+        max_upload_bytes=api.settings.max_upload_bytes,
+        max_upload_mib=f"{api.settings.max_upload_bytes / MIB:g}",
+        upload_field=UPLOAD_FIELD,
+    )
+
+
+def _info(api: Api) -> Response:
+    info = api.bundle.info()
+    info["model_version"] = api.bundle.model_version
+    info["server"] = {
+        "soundwatch_version": __version__,
+        "mode": api.mode,
+        "backend": api.pool.backend,
+        "classifiers": api.pool.size,
+        "window_s": round(api.pool.window_s, 3),
+        "max_upload_bytes": api.settings.max_upload_bytes,
+        "auth": api.settings.token is not None,
+    }
+    return jsonify(_json_safe(info))
+
+
+def _inference(api: Api) -> Response:
+    upload = _read_upload(api)
+    name = upload.filename or UPLOAD_FIELD
+    stream = cast(BinaryIO, upload.stream)
+    wait_started = time.perf_counter()
+    with api.pool.acquire(api.settings.classifier_wait_s) as classifier:
+        api.metrics.pool_wait_seconds.observe(time.perf_counter() - wait_started)
+        try:
+            result = classifier.classify_source(stream)
+        except AudioError as e:
+            raise ApiError(400, "bad_audio", f"{name}: {e}") from e
+    api.metrics.observe_classification(result.label, result.timing_ms)
+    logger.info(
+        "classified upload %s: %s (p=%.3f) in %.1f ms",
+        name,
+        result.label,
+        max(result.probabilities),
+        sum(result.timing_ms.values()),
+    )
+    body = {**result.to_json(), "File": name, "Warnings": _warnings(result, api)}
+    return jsonify(body)
+
+
+def _events(api: Api) -> Response:
+    _only_args("limit", "before_seq")
+    limit = _int_arg("limit", default=50, low=1, high=MAX_EVENTS_PAGE)
+    before = _int_arg("before_seq", default=None, low=1, high=None)
+    events = api.runtime.recent_events(limit, before) if api.runtime is not None else []
+    last_seq = events[-1].get("seq") if events else None
+    more = len(events) == limit and isinstance(last_seq, int) and last_seq > 1
+    return jsonify(
+        {
+            "mode": api.mode,
+            "count": len(events),
+            "events": _json_safe(events),
+            "next_before_seq": last_seq if more else None,
+        }
+    )
+
+
+def _state(api: Api) -> Response:
+    runtime = api.runtime
+    if runtime is None:
+        return jsonify({"mode": api.mode, "level": None, "state": None, "hop_s": None})
+    level = {
+        "peak_dbfs": _finite_or_none(runtime.block_peak_dbfs),
+        "rms_dbfs": _finite_or_none(runtime.block_rms_dbfs),
+    }
+    return jsonify(
+        {
+            "mode": api.mode,
+            "level": level,
+            "state": _json_safe(runtime.latest_state),
+            "hop_s": round(runtime.hop_s, 4),
+        }
+    )
+
+
+def _metrics(api: Api) -> Response:
+    return Response(api.metrics.render(), mimetype=None, content_type=METRICS_CONTENT_TYPE)
+
+
+def _docs(api: Api) -> str:
+    text, origin = _readme(api.settings.readme_path)
+    return render_template("docs.html", body=_render_markdown(text), origin=origin)
+
+
+def _openapi(api: Api) -> Response:
+    return send_file(OPENAPI_PATH, mimetype="application/yaml", max_age=0)
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _read_upload(api: Api) -> FileStorage:
+    """The uploaded file, checked for presence, size and an audio format we read."""
+    limit = api.settings.max_upload_bytes
+    if request.mimetype != "multipart/form-data":
+        got = request.mimetype or "no Content-Type"
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send multipart/form-data with the audio in the form field '{UPLOAD_FIELD}' "
+            f"(got {got}); e.g. curl -F {UPLOAD_FIELD}=@clip.wav URL",
+        )
+    upload = request.files.get(UPLOAD_FIELD)
+    if upload is None:
+        # Field names as received; a malformed part can have none at all.
+        fields = sorted({str(k) for k in (*request.files.keys(), *request.form.keys()) if k})
+        got = ", ".join(repr(f) for f in fields) if fields else "no fields"
+        raise ApiError(
+            400,
+            "missing_file",
+            f"no file in the form field '{UPLOAD_FIELD}' (got {got})",
+        )
+    stream = cast(BinaryIO, upload.stream)
+    size = stream.seek(0, 2)
+    stream.seek(0)
+    name = upload.filename or UPLOAD_FIELD
+    if size == 0:
+        raise ApiError(400, "empty_file", f"{name}: the file is empty (0 bytes)")
+    if size > limit:
+        raise ApiError(413, "too_large", f"{name}: {_too_large_message(limit)}")
+    try:
+        sf.info(stream)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        # libsndfile's own words, without the temporary file's repr around them.
+        why = str(getattr(e, "error_string", "") or e).strip()
+        raise ApiError(
+            415,
+            "not_audio",
+            f"{name}: not an audio format soundwatch reads (WAV, FLAC, OGG/Vorbis, AIFF, "
+            f"... anything libsndfile reads): {why}",
+        ) from e
+    finally:
+        stream.seek(0)
+    return upload
+
+
+def _warnings(result: Classification, api: Api) -> list[str]:
+    """What a person should know about how far to trust this answer."""
+    out: list[str] = []
+    spec = api.bundle.spec
+    trained_hz = spec.train_rate_hz
+    if trained_hz is not None and result.source_rate_hz < trained_hz:
+        out.append(
+            f"the audio is sampled at {result.source_rate_hz} Hz, below the "
+            f"{trained_hz} Hz the model was trained on: content above "
+            f"{result.source_rate_hz // 2} Hz is missing"
+        )
+    window_s = api.pool.window_s
+    if result.source_duration_s < window_s - 0.05:
+        out.append(
+            f"only {result.source_duration_s:.2f} s of audio: the model's window is "
+            f"{window_s:.2f} s, the rest was filled with silence"
+        )
+    elif result.source_duration_s > window_s + 0.5:
+        out.append(
+            f"only the first {result.analysed_s:.2f} s of {result.source_duration_s:.1f} s "
+            "were analysed"
+        )
+    if result.channels > 1:
+        out.append(f"{result.channels} channels were mixed down to mono")
+    return out
+
+
+def _only_args(*names: str) -> None:
+    # A misspelt parameter (?limt=5) would otherwise be ignored without a word.
+    unknown = sorted(set(request.args) - set(names))
+    if unknown:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"unknown query parameter(s) {', '.join(map(repr, unknown))}; "
+            f"this route takes {', '.join(names)}",
+        )
+
+
+@overload
+def _int_arg(name: str, *, default: int, low: int, high: int | None) -> int: ...
+@overload
+def _int_arg(name: str, *, default: None, low: int, high: int | None) -> int | None: ...
+def _int_arg(name: str, *, default: int | None, low: int, high: int | None) -> int | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "bad_request", f"{name} must be an integer (got {raw!r})") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ApiError(400, "bad_request", f"{name} must be {bounds} (got {value})")
+    return value
+
+
+def _finite_or_none(value: float) -> float | None:
+    return round(value, 2) if math.isfinite(value) else None
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become ``null``: JSON has no Infinity, and browsers reject it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@functools.lru_cache(maxsize=4)
+def _readme(configured: Path | None) -> tuple[str, str]:
+    """The README's text and where it came from.
+
+    A checkout has it at the repository root; an installed wheel (the
+    container) carries it as the package's long description.
+    """
+    candidates = [configured] if configured is not None else []
+    candidates.append(HERE.parents[2] / "README.md")
+    for path in candidates:
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except OSError:
+            continue
+    try:
+        meta = importlib.metadata.metadata("soundwatch")
+    except importlib.metadata.PackageNotFoundError:
+        meta = None
+    if meta is not None:
+        body = meta.get_payload()  # type: ignore[attr-defined]
+        if isinstance(body, str) and body.strip():
+            return body, "the installed package's description"
+    return (
+        "# soundwatch\n\nThe README is not available in this installation.\n",
+        "(not found)",
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _render_markdown(text: str) -> Markup:
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:  # still readable, just not typeset
+        logger.warning("markdown-it-py is not installed; /docs shows the README as text")
+        return Markup("<pre>{}</pre>").format(text)
+    # Raw HTML in the README is escaped, not passed through.
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
+    md.add_render_rule("image", _image_as_caption)
+    return Markup(md.render(text))
+
+
+def _image_as_caption(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+    # The README's pictures live in the repository, not in the package, so
+    # the page names them instead of showing broken images.
+    alt = self.renderInlineAsText(tokens[idx].children or [], options, env)
+    return str(Markup('<span class="picture">[picture: {}]</span>').format(alt))

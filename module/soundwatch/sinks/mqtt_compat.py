@@ -1,0 +1,145 @@
+"""paho-mqtt 1.6.x and 2.x behind one small surface.
+
+paho-mqtt 2.0 versioned its user callbacks (``CallbackAPIVersion``): with
+``VERSION2``, ``on_connect`` gets a ``ReasonCode`` instead of an int ``rc``,
+``on_disconnect`` and ``on_publish`` gain ``flags``/``reason_code``/
+``properties`` arguments, and 2.x warns that ``VERSION1`` will go away in 3.0.
+azure-iot-device pins paho-mqtt < 2, so soundwatch must run on 1.6.1 as well.
+
+:func:`new_client` builds a client for whichever paho is installed (MQTT
+3.1.1, clean session, no automatic reconnect: the sink reconnects itself so
+that it sees the real error of each attempt) and adapts its callbacks to
+version-neutral ones (:class:`Callbacks`). Everything else the sink calls
+(``publish``, ``subscribe``, ``will_set``, ``tls_set_context``,
+``username_pw_set``, ``connect``, ``loop``, ``socket``, ``disconnect``,
+``max_inflight_messages_set``) has the same signature in both.
+
+The sink runs ``loop()`` on a thread of its own rather than ``loop_start()``:
+paho 1.6 lets some ``ssl.SSLError``\\ s escape ``loop_start``'s thread, which
+then dies without an ``on_disconnect``; a loop the sink owns sees them.
+
+Not used on purpose: ``MQTTMessageInfo.is_published()``/``wait_for_publish()``,
+which on 2.x raise ``RuntimeError`` for a message published while
+disconnected even though paho has queued it and will send it after
+reconnecting; the sink tracks PUBACKs through ``on_publish`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import paho.mqtt
+import paho.mqtt.client as mqtt
+
+PAHO_VERSION: str = str(paho.mqtt.__version__)
+PAHO_MAJOR: int = int(PAHO_VERSION.split(".")[0])
+
+MQTT_ERR_SUCCESS = int(mqtt.MQTT_ERR_SUCCESS)
+MQTT_ERR_NO_CONN = int(mqtt.MQTT_ERR_NO_CONN)
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    """Version-neutral callbacks; all run on paho's network thread and must not block."""
+
+    on_connect: Callable[[bool, str], None]  # (accepted, reason text)
+    on_disconnect: Callable[[str], None]  # reason text
+    on_publish: Callable[[int], None]  # mid acknowledged (PUBACK/PUBCOMP)
+    on_message: Callable[[str, bytes, bool], None]  # topic, payload, retained
+    on_error_log: Callable[[str], None]  # paho's own error-level log lines
+
+
+def new_client(client_id: str, callbacks: Callbacks, *, paho_logger: logging.Logger) -> Any:
+    """A paho ``Client`` for the installed paho version, with ``callbacks`` attached.
+
+    Typed ``Any``: the 1.6 and 2.x classes differ in their annotations, and
+    only the calls listed in the module docstring are made on it.
+    """
+    client_cls = cast(Any, mqtt.Client)
+    common: dict[str, Any] = {
+        "client_id": client_id,
+        "clean_session": True,
+        "protocol": mqtt.MQTTv311,
+        "reconnect_on_failure": False,
+    }
+    if PAHO_MAJOR >= 2:
+        from paho.mqtt.enums import CallbackAPIVersion  # 2.x only
+
+        client = client_cls(CallbackAPIVersion.VERSION2, **common)
+        _attach_v2(client, callbacks)
+    else:
+        client = client_cls(**common)
+        _attach_v1(client, callbacks)
+    client.enable_logger(paho_logger)
+
+    def on_log(_client: Any, _userdata: Any, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            callbacks.on_error_log(text)
+
+    client.on_log = on_log
+    # With a socket-write callback set, paho never writes from the thread that
+    # calls publish(): only the thread running loop() touches the socket.
+    client.on_socket_register_write = _ignore
+    return client
+
+
+def _ignore(*_args: Any) -> None:
+    pass
+
+
+def set_connect_timeout(client: Any, seconds: float) -> None:
+    """TCP connect timeout (a property in 2.x, a private attribute in 1.6)."""
+    if PAHO_MAJOR >= 2:
+        client.connect_timeout = seconds
+    else:
+        client._connect_timeout = seconds
+
+
+def error_text(rc: int) -> str:
+    """paho's text for a client error code (``MQTT_ERR_*``)."""
+    return str(mqtt.error_string(rc))
+
+
+def _attach_v2(client: Any, cb: Callbacks) -> None:
+    def on_connect(
+        _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any
+    ) -> None:
+        cb.on_connect(not reason_code.is_failure, str(reason_code))
+
+    def on_disconnect(
+        _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any
+    ) -> None:
+        cb.on_disconnect(str(reason_code))
+
+    def on_publish(_client: Any, _userdata: Any, mid: int, _rc: Any, _props: Any) -> None:
+        cb.on_publish(mid)
+
+    def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+        cb.on_message(message.topic, bytes(message.payload), bool(message.retain))
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_publish = on_publish
+    client.on_message = on_message
+
+
+def _attach_v1(client: Any, cb: Callbacks) -> None:
+    def on_connect(_client: Any, _userdata: Any, _flags: Any, rc: int) -> None:
+        cb.on_connect(rc == 0, str(mqtt.connack_string(rc)))
+
+    def on_disconnect(_client: Any, _userdata: Any, rc: int) -> None:
+        cb.on_disconnect(error_text(rc) if rc else "disconnected")
+
+    def on_publish(_client: Any, _userdata: Any, mid: int) -> None:
+        cb.on_publish(mid)
+
+    def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+        cb.on_message(message.topic, bytes(message.payload), bool(message.retain))
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_publish = on_publish
+    client.on_message = on_message
