@@ -14,6 +14,7 @@ because the consumer fell behind.
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import replace
@@ -86,3 +87,14 @@ class Source(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def wait_until_due(started: float, end_sample: int, rate_hz: int, stop: threading.Event) -> bool:
+    """Real-time pacing from sample counts: sleep until the block ending at
+    ``end_sample`` is due (``started`` is the monotonic start time).
+
+    Pacing by the absolute sample position, not per block, keeps a slow
+    consumer from making the source drift. Returns True if ``stop`` was set.
+    """
+    delay = started + end_sample / rate_hz - time.monotonic()
+    return delay > 0 and stop.wait(delay)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from soundwatch.sources.base import Source, SourceError
+from soundwatch.sources.base import Source, SourceError, wait_until_due
 from soundwatch.stream_types import AudioBlock
 
 logger = logging.getLogger(__name__)
@@ -80,11 +80,8 @@ class FileSource(Source):
                         else np.ascontiguousarray(data[:, 0])
                     )
                     end = position + int(samples.shape[0])
-                    if self.realtime:
-                        due = started + end / self.sample_rate_hz
-                        delay = due - time.monotonic()
-                        if delay > 0 and stop.wait(delay):
-                            break
+                    if self.realtime and wait_until_due(started, end, self.sample_rate_hz, stop):
+                        break
                     yield AudioBlock(
                         samples=samples,
                         start_sample=position,

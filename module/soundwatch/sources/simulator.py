@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from soundwatch import fansim
-from soundwatch.sources.base import Source
+from soundwatch.sources.base import Source, wait_until_due
 from soundwatch.stream_types import AudioBlock
 
 logger = logging.getLogger(__name__)
@@ -143,10 +143,8 @@ class SimulatorSource(Source):
                 break
             samples = stream.read(n)
             block_end = position + n
-            if self.realtime:
-                delay = started + block_end / self.sample_rate_hz - time.monotonic()
-                if delay > 0 and stop.wait(delay):
-                    break
+            if self.realtime and wait_until_due(started, block_end, self.sample_rate_hz, stop):
+                break
             yield AudioBlock(
                 samples=samples,
                 start_sample=position,
