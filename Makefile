@@ -19,10 +19,10 @@ test: setup-test lint pytest
 
 pytest: setup-test
 	$(BIN)/python -m pytest -q
-	# The MQTT code must also work with paho-mqtt 1.6 (azure-iot-device pins it).
+	# paho-mqtt 1.6 (which azure-iot-device pins) and the IoT Hub sink, in their own venv.
 	tools/paho1-venv.sh
 	SOUNDWATCH_EXPECT_PAHO=1 build/venv-paho1/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_outbox.py tests/test_mqtt.py tests/test_mqtt_outage.py
+		tests/test_outbox.py tests/test_mqtt.py tests/test_mqtt_outage.py tests/test_iothub.py
 
 lint: setup-test
 	$(BIN)/ruff check module tools tests

@@ -34,6 +34,7 @@ _BUILTIN: dict[str, str] = {
     "console": "soundwatch.sinks.console:ConsoleSink",
     "jsonl": "soundwatch.sinks.jsonl:JsonlSink",
     "mqtt": "soundwatch.sinks.mqtt:MqttSink",
+    "iothub": "soundwatch.sinks.iothub:IotHubSink",
 }
 _registry: dict[str, str | SinkFactory] = dict(_BUILTIN)
 
