@@ -1,6 +1,6 @@
 """Whole-clip classification: the seeds' ``/inference`` behaviour.
 
-A clip is decoded, turned into the seeds' 40x433 MFCC window (its first
+A clip is decoded, turned into the seeds' MFCC x 433 window (its first
 ~10 s), and classified once. The answer keeps the seeds' JSON shape.
 """
 

@@ -117,7 +117,12 @@ class HttpServer:
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=timeout_s)
         # Sockets belong to the I/O loop's thread: close them there. The loop
         # ends once its map is empty.
-        server.trigger.pull_trigger(lambda: _close_all(server))
+        try:
+            server.trigger.pull_trigger(lambda: _close_all(server))
+        except OSError:
+            # The trigger is already closed: the loop has ended (or is ending)
+            # between the check above and here; waiting below is all that is left.
+            logger.debug("HTTP I/O loop already closed its trigger")
         if not self._stopped.wait(timeout_s):
             logger.warning("HTTP server did not stop within %.1f s", timeout_s)
             return

@@ -141,6 +141,17 @@
     return out;
   }
 
+  // The bundle's metrics are nested (per class, per SNR, confusion matrices);
+  // the panel shows the few figures a person compares, the rest is in "details".
+  function metricSummary(m) {
+    if (!m || !m.int8 || !m.int8.per_snr) return flatMetrics(m, "", []).slice(0, 14);
+    const snrs = (part) => Object.keys(part.per_snr).map((k) => k + " " + part.per_snr[k].toFixed(2)).join(" · ");
+    const out = [["held-out unit", String(m.held_out_unit || "–")], ["int8 accuracy", snrs(m.int8)]];
+    if (m.float && m.float.per_snr) out.push(["float accuracy", snrs(m.float)]);
+    if (m.int8_vs_float) out.push(["int8/float agree", m.int8_vs_float.top1_agreement.toFixed(3)]);
+    return out;
+  }
+
   async function refreshInfo() {
     const r = await api("/info");
     if (!r.res.ok) return;
@@ -167,7 +178,7 @@
       li.append(sw, el("strong", null, name), document.createTextNode(" · " + ((info.messages || {})[name] || "") + (thr !== undefined ? " (alarm at p ≥ " + thr + ")" : "")));
       list.appendChild(li);
     });
-    const metrics = flatMetrics(info.metrics, "", []).slice(0, 14);
+    const metrics = metricSummary(info.metrics);
     kv($("model-metrics"), metrics.length ? metrics : [["–", "none in this bundle"]]);
     $("model-details").textContent = JSON.stringify(
       { feature_spec: spec, thresholds: info.thresholds, provenance: info.provenance, metrics: info.metrics }, null, 2);

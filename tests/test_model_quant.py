@@ -1,0 +1,244 @@
+"""The shipped int8 bundle against its float32 twin, on a fan unit it never heard.
+
+``tests/data/fan-float.tflite`` is the float32 TFLite model converted from the
+same checkpoint as the bundle's int8 model, with the same input contract
+(normalised windows; the bundle's input_mean/input_std are applied outside).
+No TensorFlow is needed: both run in LiteRT.
+
+Bounds, and why:
+
+* top-1 agreement >= 0.95 and max |p_int8 - p_float| <= 0.25 on a few dozen
+  fresh clips: int8 rounding should flip a decision only where the float model
+  is nearly undecided, and the int8 softmax moves in steps of 1/256; a wrong
+  scale or a missing normalisation gives differences near 1.
+* agreement >= 0.99 on the held-out unit (bundle.json metrics): issue 2's
+  target.
+* clear +6 dB clips: at least 7 of 8 per class and 30 of 32 overall must be
+  right. The held-out accuracy at +6 dB is >= 0.95 (bundle.json); with
+  p = 0.95 the chance of 2+ errors in 8 is about 6 %, so this fails only if
+  the model is worse than its claim, not by a chance draw (the clips are
+  fixed by seed, so a pass or fail is repeatable).
+
+The shipped model does not reach the agreement targets yet (held-out unit:
+0.93; these fresh clips: 0.92, max difference 0.46). The statistics-pooling
+network's time means must resolve movements of about 1 % of their size, which
+is a step or two of an int8 grid (see tools/train/arch.py). Those two tests are
+marked as expected failures with ``strict=True``: they still run on every
+``make test``, are reported as XFAIL, and turn the suite red the day the
+target is met, so the marker cannot outlive the shortfall.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from soundwatch import fansim
+from soundwatch.audio import resample
+from soundwatch.bundle import DEFAULT_BUNDLE_DIR, BundleError, load_bundle
+from soundwatch.features import FeatureExtractor
+from soundwatch.model import Classifier
+
+FLOAT_MODEL = Path(__file__).parent / "data" / "fan-float.tflite"
+# A unit of another line (seed) with an id the training data never used.
+UNSEEN_UNIT_ID, UNSEEN_LINE_SEED = 97, 20240
+AGREEMENT_MIN = 0.95
+MAX_PROB_DIFF = 0.25
+CLIPS_PER_CLASS_SNR = 3
+CLEAR_PER_CLASS = 8
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return Classifier(load_bundle(DEFAULT_BUNDLE_DIR), threads=1)
+
+
+@pytest.fixture(scope="module")
+def float_model() -> object:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(FLOAT_MODEL), num_threads=1)
+    interp.allocate_tensors()
+    return interp
+
+
+def _float_probs(interp: object, x: np.ndarray) -> np.ndarray:
+    inp = interp.get_input_details()[0]  # type: ignore[attr-defined]
+    out = interp.get_output_details()[0]  # type: ignore[attr-defined]
+    assert inp["dtype"] == np.float32 and out["dtype"] == np.float32
+    interp.set_tensor(inp["index"], x[None, :, :, None].astype(np.float32))  # type: ignore[attr-defined]
+    interp.invoke()  # type: ignore[attr-defined]
+    return interp.get_tensor(out["index"]).reshape(-1)  # type: ignore[attr-defined,no-any-return]
+
+
+def _windows(
+    classifier: Classifier, snrs: tuple[int, ...], per: int, seed0: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of fresh clips from the unseen unit, and their true class indices."""
+    unit = fansim.make_unit(UNSEEN_UNIT_ID, seed=UNSEEN_LINE_SEED)
+    extractor = FeatureExtractor(classifier.bundle.spec)
+    names = classifier.class_names
+    xs, ys = [], []
+    for ci, fault in enumerate(names):
+        for snr in snrs:
+            for k in range(per):
+                seed = seed0 + 1000 * ci + 100 * (snr + 10) + k
+                y16 = fansim.synth_clip(unit, fault, snr, seed=seed)
+                y = resample(y16, 16000, classifier.bundle.spec.sample_rate_hz)
+                xs.append(extractor.model_input(y))
+                ys.append(ci)
+    return np.stack(xs), np.asarray(ys)
+
+
+def test_bundle_classes_match_the_simulator(classifier: Classifier) -> None:
+    assert classifier.class_names == fansim.CLASSES
+
+
+AGREEMENT_SHORTFALL = pytest.mark.xfail(
+    strict=True,
+    reason="issue 2 target not met: int8/float top-1 agreement 0.93 on the held-out unit",
+)
+
+
+@AGREEMENT_SHORTFALL
+def test_int8_agrees_with_float_on_an_unseen_unit(
+    classifier: Classifier, float_model: object
+) -> None:
+    x, _ = _windows(classifier, fansim.SNRS_DB, CLIPS_PER_CLASS_SNR, seed0=500_000)
+    assert len(x) == 4 * 3 * CLIPS_PER_CLASS_SNR
+    p_int8 = np.stack([classifier.predict(w) for w in x])
+    p_float = np.stack([_float_probs(float_model, classifier.prepare(w)) for w in x])
+    agreement = float(np.mean(p_int8.argmax(1) == p_float.argmax(1)))
+    diff = float(np.abs(p_int8 - p_float).max())
+    assert agreement >= AGREEMENT_MIN, f"top-1 agreement {agreement:.3f}"
+    assert diff <= MAX_PROB_DIFF, f"max |p_int8 - p_float| = {diff:.3f}"
+
+
+def test_int8_recognises_clear_clips_of_each_class(classifier: Classifier) -> None:
+    x, y = _windows(classifier, (6,), CLEAR_PER_CLASS, seed0=900_000)
+    pred = np.asarray([int(np.argmax(classifier.predict(w))) for w in x])
+    per_class = {
+        name: int(np.sum((pred == y) & (y == i))) for i, name in enumerate(classifier.class_names)
+    }
+    assert all(n >= CLEAR_PER_CLASS - 1 for n in per_class.values()), per_class
+    assert sum(per_class.values()) >= 4 * CLEAR_PER_CLASS - 2, per_class
+
+
+def test_training_normalisation_is_the_serving_one(classifier: Classifier) -> None:
+    """The trainer's Normaliser and Classifier.prepare give the same bits."""
+    from tools.train.fit import Normaliser
+
+    bundle = classifier.bundle
+    x = np.random.default_rng(3).normal(-100, 80, (2, *bundle.input_shape[1:3])).astype(np.float32)
+    norm = Normaliser(bundle.input_mean, bundle.input_std)
+    assert np.array_equal(norm.apply(x)[0], classifier.prepare(x[0]))
+    assert np.array_equal(norm.apply_in_place(x.copy())[1], classifier.prepare(x[1]))
+
+
+def test_int8_input_grid_is_the_training_grid(classifier: Classifier) -> None:
+    """The int8 input scale is the grid the network was trained on (bundle provenance)."""
+    from tools.train.fit import InputGrid
+
+    limit = classifier.bundle.provenance["input_grid"]["limit"]
+    grid = InputGrid(limit)
+    scale, zero_point = classifier._in_q.scale, classifier._in_q.zero_point
+    assert scale == pytest.approx(grid.step, rel=1e-6)
+    assert zero_point == 0
+    x = np.linspace(-1.2 * limit, 1.2 * limit, 1001, dtype=np.float32)
+    served = classifier._in_q.dequantize(classifier._in_q.quantize(x))
+    np.testing.assert_allclose(grid.round(x), served, atol=1e-5)
+
+
+def test_bundle_is_small_and_documented() -> None:
+    bundle = load_bundle(DEFAULT_BUNDLE_DIR)
+    size = sum(p.stat().st_size for p in DEFAULT_BUNDLE_DIR.iterdir() if p.is_file())
+    assert size < 100_000
+    assert bundle.input_dtype == "int8" and bundle.output_dtype == "int8"
+    assert bundle.input_mean is not None  # per-coefficient normalisation shipped
+    for key in ("seed", "arch", "params", "epochs", "versions", "data", "git_commit"):
+        assert key in bundle.provenance, key
+    assert set(bundle.thresholds) == {"imbalance", "clogging", "voltage_change"}
+    assert all(0.5 <= t < 1 for t in bundle.thresholds.values())
+    agreement = bundle.metrics["int8_vs_float"]["top1_agreement"]
+    assert 0.0 < agreement <= 1.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 2 target not met: int8 held-out accuracy 0.845 / 0.905 / 0.96 at -6 / 0 / +6 dB",
+)
+def test_bundle_meets_the_accuracy_targets() -> None:
+    """Issue 2: int8 >= 0.95 at +6 and 0 dB and >= 0.85 at -6 dB on the held-out unit."""
+    per_snr = load_bundle(DEFAULT_BUNDLE_DIR).metrics["int8"]["per_snr"]
+    assert per_snr["+6 dB"] >= 0.95
+    assert per_snr["+0 dB"] >= 0.95
+    assert per_snr["-6 dB"] >= 0.85
+
+
+@AGREEMENT_SHORTFALL
+def test_bundle_meets_the_agreement_target() -> None:
+    agreement = load_bundle(DEFAULT_BUNDLE_DIR).metrics["int8_vs_float"]["top1_agreement"]
+    assert agreement >= 0.99
+
+
+# -- load_bundle refuses a damaged bundle ---------------------------------------
+
+
+@pytest.fixture()
+def bundle_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "fan"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, dst)
+    return dst
+
+
+def _edit_json(bundle_dir: Path, edit: object) -> None:
+    path = bundle_dir / "bundle.json"
+    doc = json.loads(path.read_text())
+    edit(doc)  # type: ignore[operator]
+    path.write_text(json.dumps(doc))
+
+
+def test_load_bundle_refuses_a_modified_model(bundle_copy: Path) -> None:
+    model = bundle_copy / "model.tflite"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model file .*model\.tflite is corrupt: sha256"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("array", "shape_fn"),
+    [
+        ("mel_basis", lambda a: a[:-1]),
+        ("dct_matrix", lambda a: a[:, :-1]),
+        ("input_mean", lambda a: a[:-1]),
+    ],
+)
+def test_load_bundle_refuses_feature_arrays_of_the_wrong_shape(
+    bundle_copy: Path, array: str, shape_fn: object
+) -> None:
+    feat = bundle_copy / "features.npz"
+    with np.load(feat) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays[array] = shape_fn(arrays[array])  # type: ignore[operator]
+    np.savez_compressed(feat, **arrays)
+    digest = hashlib.sha256(feat.read_bytes()).hexdigest()
+    _edit_json(bundle_copy, lambda d: d["features"].__setitem__("sha256", digest))
+    with pytest.raises(BundleError, match=array):
+        load_bundle(bundle_copy)
+
+
+def test_load_bundle_refuses_an_input_shape_that_disagrees_with_the_spec(
+    bundle_copy: Path,
+) -> None:
+    n_mfcc = load_bundle(bundle_copy).spec.n_mfcc
+    wrong = [1, n_mfcc, 432, 1]
+    _edit_json(bundle_copy, lambda d: d["model"].__setitem__("input_shape", wrong))
+    with pytest.raises(BundleError, match=rf"input_shape \[1, {n_mfcc}, 432, 1\] disagrees"):
+        load_bundle(bundle_copy)
