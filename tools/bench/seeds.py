@@ -68,7 +68,7 @@ def build_seed_cnn() -> tuple[Any, str]:
         pass
     else:
         try:
-            model = build_model("seed", (SEED_N_MFCC, SEED_N_FRAMES), SEED_N_CLASSES)
+            model = build_model("seed", (SEED_N_MFCC, SEED_N_FRAMES), SEED_N_CLASSES, None)
         except (TypeError, ValueError):
             pass
         else:
