@@ -1306,10 +1306,17 @@ class _CycleRenderer:
         sample_rate_hz: int,
         chunk: int,
         level: float,
+        scene_seed: int | None = None,
     ) -> None:
         sr = sample_rate_hz
         conditions = draw_conditions(seed)
         faults = conditions.faults
+        # The room and the background (the "scene") may come from another seed:
+        # a looping stream keeps its microphone in one place, so that a cycle
+        # boundary is not a jump in reverberation and factory noise that the
+        # model would rightly hear as a change.
+        scene_seed = seed if scene_seed is None else scene_seed
+        scene = conditions if scene_seed == seed else draw_conditions(scene_seed)
         ramp = _ramp_samples(sr)
         states = [_state(unit, faults, s.fault) for s in segments]
         tracks = _Tracks.build(states, segments, ramp)
@@ -1326,7 +1333,7 @@ class _CycleRenderer:
         if not tracks.whistle_amp.is_zero:
             self._whistle = _NoiseStream(whistle, (_TAG_WHISTLE, seed), chunk)
 
-        ir = _room_ir(_rng(_TAG_ROOM, seed), conditions.room, sr)
+        ir = _room_ir(_rng(_TAG_ROOM, scene_seed), scene.room, sr)
         room = _RoomGain(ir, sr)
         airflow_gain = room.of_noise(airflow, sr)
         whistle_gain = room.of_noise(whistle.amplitude(), sr)
@@ -1342,14 +1349,14 @@ class _CycleRenderer:
         self._jitter = _JitterStream(_rng(_TAG_JITTER, seed), unit, self._next * chunk, sr)
         self._shaft_cycles = phases.shaft
 
-        params = conditions.background
+        params = scene.background
         self._background = _NoiseStream(
             _ShapedFrames(_background_amplitude(params, n_frame, sr)),
             (_TAG_BACKGROUND, seed),
             chunk,
         )
         self._background_tone = params.tone_hz
-        theta1, theta2 = (float(v) for v in _rng(_TAG_BACKGROUND, seed).random(2))
+        theta1, theta2 = (float(v) for v in _rng(_TAG_BACKGROUND, scene_seed).random(2))
         self._tone_phase = theta1
         self._tone_h2 = 10.0 ** (params.tone_h2_db / 20.0) * complex(np.exp(2j * np.pi * theta2))
         tone_power = 0.0 if params.tone_hz is None else _db_power(params.tone_db)
@@ -1433,9 +1440,9 @@ class _CycleRenderer:
 class ScheduleStream:
     """An endless recording of ``schedule`` for live demos, rendered as it is read.
 
-    Each cycle of the schedule is a fresh recording (cycle 0 with ``seed``,
-    later ones with seeds derived from it: new fault parameters, noise and
-    room each time round). Cycles join with a 20 ms equal-power crossfade that
+    Each cycle of the schedule is a fresh take (cycle 0 with ``seed``, later
+    ones with seeds derived from it: new fault parameters and noise each time
+    round) in one scene: the room and the background's kind stay ``seed``'s. Cycles join with a 20 ms equal-power crossfade that
     starts at the cycle boundary, like any other fault change.
 
     Rendering is incremental: a read renders only the steps of
@@ -1600,6 +1607,7 @@ class ScheduleStream:
                 self._rate,
                 self._chunk,
                 self._level,
+                scene_seed=self._seed,
             )
             self._cycle_index = cycle
             logger.debug("fansim stream: cycle %d starts at sample %d", cycle, self._position)

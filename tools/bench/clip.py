@@ -111,12 +111,13 @@ def run(ctx: Context) -> list[Row]:
             "soundfile read of the first 10.5 s + mono + silence check + soxr HQ to 22.05 kHz",
         ),
         Row(
-            "features: 40x433 MFCC",
+            "features: MFCC x 433",
             "ms",
             Stat.of(seeds["features"]),
             Stat.of(sw["features"]),
             "seeds: librosa.feature.mfcc(n_mfcc=40) + pad 2 columns + fit to 433; "
-            "soundwatch: numpy STFT/mel/dB/DCT (soundwatch.features) + the same padding",
+            "soundwatch: numpy STFT/mel/dB/DCT (soundwatch.features) for the bundle's 64 "
+            "coefficients + the same padding",
         ),
         Row(
             "inference: Keras predict vs LiteRT int8",

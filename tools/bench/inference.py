@@ -1,4 +1,4 @@
-"""Section "inference": the model alone, per 40x433 window.
+"""Section "inference": the model alone, one window (seeds: 40x433 Keras; soundwatch: int8).
 
 TensorFlow cannot resize its thread pools once started, so each thread count
 gets its own child process (``python -m tools.bench.inference``). In it, the

@@ -31,7 +31,7 @@ SECTIONS: list[Section] = [
         title="Inference alone",
         func="tools.bench.inference:run",
         one_core=True,
-        what="one 40x433 window through the model, LiteRT in this process and Keras in "
+        what="one MFCC window through the model, LiteRT in this process and Keras in "
         "one child per thread count",
     ),
     Section(
