@@ -1442,8 +1442,9 @@ class ScheduleStream:
 
     Each cycle of the schedule is a fresh take (cycle 0 with ``seed``, later
     ones with seeds derived from it: new fault parameters and noise each time
-    round) in one scene: the room and the background's kind stay ``seed``'s. Cycles join with a 20 ms equal-power crossfade that
-    starts at the cycle boundary, like any other fault change.
+    round) in one scene: the room and the background's kind stay ``seed``'s.
+    Cycles join with a 20 ms equal-power crossfade that starts at the cycle
+    boundary, like any other fault change.
 
     Rendering is incremental: a read renders only the steps of
     :data:`_STREAM_CHUNK_S` (0.5 s) it needs, so CPU per read is proportional
