@@ -241,8 +241,11 @@ def connect(args: argparse.Namespace, inbox: queue.Queue[Any]) -> Any:
         if _failed(rc):
             inbox.put(("refused", str(rc)))
             return
-        for topic in args.topic:
-            client.subscribe(topic, qos=1)
+        client.subscribe([(topic, 1) for topic in args.topic])
+
+    def on_subscribe(_client: Any, _userdata: Any, _mid: Any, *_rest: Any) -> None:
+        # Reported on the SUBACK, not on connect: from here on the broker
+        # routes every publish to us, so whoever waits for the line misses nothing.
         inbox.put(("connected", None))
 
     def on_disconnect(_client: Any, _userdata: Any, *rest: Any) -> None:
@@ -256,6 +259,7 @@ def connect(args: argparse.Namespace, inbox: queue.Queue[Any]) -> Any:
         )
 
     client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
     client.on_disconnect = on_disconnect
     client.on_message = on_message
     if args.username:
