@@ -145,7 +145,7 @@
   // the panel shows the few figures a person compares, the rest is in "details".
   function metricSummary(m) {
     if (!m || !m.int8 || !m.int8.per_snr) return flatMetrics(m, "", []).slice(0, 14);
-    const snrs = (part) => Object.keys(part.per_snr).map((k) => k + " " + part.per_snr[k].toFixed(2)).join(" · ");
+    const snrs = (part) => Object.keys(part.per_snr).map((k) => k + " " + part.per_snr[k].toFixed(3)).join(" · ");
     const out = [["held-out unit", String(m.held_out_unit || "–")], ["int8 accuracy", snrs(m.int8)]];
     if (m.float && m.float.per_snr) out.push(["float accuracy", snrs(m.float)]);
     if (m.int8_vs_float) out.push(["int8/float agree", m.int8_vs_float.top1_agreement.toFixed(3)]);
