@@ -56,23 +56,26 @@ exponential backoff and jitter, logging each failure's cause.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Protocol
 
-from soundwatch.outbox import Dropped, Outbox, OutboxError, OutboxFull
-from soundwatch.sinks.base import Sink, SinkConfigError, SinkError, is_state, resolved, sink_error
+from soundwatch.outbox import OutboxError
+from soundwatch.sinks.base import SinkConfigError, SinkError
 from soundwatch.sinks.mqtt import Backoff
+from soundwatch.sinks.outbox_sink import (
+    DEFAULT_CLOSE_TIMEOUT_S,
+    PURGE_INTERVAL_S,
+    OutboxSink,
+    json_bytes,
+    now_iso,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +85,6 @@ MAX_MESSAGE_BYTES = 262_144
 MAX_METHOD_RESPONSE_BYTES = 120_000
 MAX_RECENT_EVENTS = 100
 DEFAULT_RECENT_EVENTS = 20
-DEFAULT_CLOSE_TIMEOUT_S = 10.0
-PURGE_INTERVAL_S = 60.0
 MAX_IDLE_WAIT_S = 1.0
 METHODS = ("getStatus", "setThresholds", "getRecentEvents")
 # The reported property that holds this module's config report.
@@ -138,14 +139,6 @@ def message_properties(message: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _json_bytes(doc: Any) -> bytes:
-    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-
-
 def _strip_meta(doc: Mapping[str, Any]) -> dict[str, Any]:
     """Desired properties as a config patch: no ``$``-keys (``$version``, ``$metadata``)
     and no nulls (a null deletes a twin property; the live value stays)."""
@@ -189,10 +182,11 @@ def in_iot_edge(env: Mapping[str, str] | None = None) -> bool:
     )
 
 
-class IotHubSink(Sink):
+class IotHubSink(OutboxSink):
     """Publishes to Azure IoT Hub / edgeHub (see the module docstring). Thread-safe."""
 
     type_name = "iothub"
+    destination = "IoT Hub"
 
     def __init__(
         self,
@@ -279,22 +273,12 @@ class IotHubSink(Sink):
         except Exception as e:  # the SDK's own errors
             raise SinkError(f"iothub sink {self.name!r}: cannot create the client: {e}") from e
 
-        self._lock = threading.Lock()
-        self._futures: dict[int, Future[None]] = {}
-        self._flushed = threading.Condition()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._closed = False
         self._connected = False
         self._conn_lock = threading.Lock()
         self._runtime: IotHubTarget | None = None
-        self._state_lock = threading.Lock()
-        self._pending_state: Mapping[str, Any] | None = None
-        self._state_urgent = False
-        self._last_state_key: tuple[Any, Any] | None = None
         self._last_state_sent = -math.inf
-        self._next_purge = 0.0
         # Counters for health.
         self._connects = 0
         self._disconnects = 0
@@ -302,7 +286,6 @@ class IotHubSink(Sink):
         self._last_disconnect: str | None = None
         self._too_large = 0
         self._state_sent = 0
-        self._state_superseded = 0
         self._state_failed = 0
         self._desired_version: int | None = None
         self._twin_applied = 0
@@ -313,19 +296,10 @@ class IotHubSink(Sink):
         self._method_errors = 0
 
         try:
-            self.outbox = Outbox(
-                Path(outbox["path"]),
-                max_events=int(outbox.get("max_events", 10_000)),
-                max_bytes=int(outbox.get("max_bytes", 50_000_000)),
-                max_age_s=float(outbox.get("max_age_s", 7 * 24 * 3600.0)),
-                overflow=outbox.get("overflow", "drop_oldest"),
-            )
-        except ValueError as e:
+            self._open_outbox(outbox)
+        except SinkError:
             self._shutdown_client()
-            raise SinkConfigError(f"iothub sink {self.name!r}: {e}") from e
-        except OutboxError as e:
-            self._shutdown_client()
-            raise SinkError(f"iothub sink {self.name!r}: {e}") from e
+            raise
 
         # Twin and method handlers subscribe at once, so they are set after connecting.
         self._handlers_set = False
@@ -374,25 +348,8 @@ class IotHubSink(Sink):
         if self._connected and self.twin_enabled:
             self._control.put(("sync", None))
 
-    def publish(self, message: Mapping[str, Any]) -> Future[None]:
-        """Events: stored in the outbox; the future resolves when IoT Hub acknowledged them.
-
-        State messages: kept as the latest value for ``telemetry_output``; the
-        future resolves at once.
-        """
-        if not self.accepts(message):
-            self._count_skipped()
-            return resolved()
-        if self._closed:
-            return self._fail(SinkError(f"{self.name}: sink is closed"))
-        if is_state(message):
-            self._offer_state(message)
-            return resolved()
-        try:
-            payload = _json_bytes(message)
-        except (TypeError, ValueError) as e:
-            return self._fail(sink_error(f"{self.name}: message is not JSON: {e}", e))
-        key = str(message.get("event_id") or uuid.uuid4())
+    def _store_event(self, key: str, payload: bytes, message: Mapping[str, Any]) -> Future[None]:
+        """Events too large for IoT Hub fail here; the rest are stored with their properties."""
         properties = message_properties(message)
         size = self._new_message(payload, properties).get_size()
         if size > MAX_MESSAGE_BYTES:
@@ -411,37 +368,7 @@ class IotHubSink(Sink):
                     f"{MAX_MESSAGE_BYTES}; dropped (too_large)"
                 )
             )
-        future: Future[None] = Future()
-        with self._lock:
-            try:
-                stored = self.outbox.enqueue(key, payload, properties)
-            except OutboxFull as e:
-                return self._fail(sink_error(f"{self.name}: {e}", e))
-            except OutboxError as e:
-                return self._fail(sink_error(f"{self.name}: cannot store event {key}: {e}", e))
-            self._futures[stored.id] = future
-        self._settle_drops(stored.dropped)
-        self._wake.set()
-        return future
-
-    def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every event stored so far has been acknowledged by IoT Hub."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        try:
-            target = self.outbox.last_id()
-        except OutboxError:
-            return False
-        with self._flushed:
-            while True:
-                try:
-                    if self.outbox.pending_through(target) == 0:
-                        return True
-                except OutboxError:
-                    return False
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._flushed.wait(0.5 if left is None else min(left, 0.5))
+        return self._enqueue(key, payload, properties)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Flush (up to ``timeout_s``, default 10 s), then shut the client down. Idempotent.
@@ -464,32 +391,11 @@ class IotHubSink(Sink):
             thread.join(5.0)
             if thread.is_alive():
                 logger.warning("%s: thread %s did not stop in time", self.name, thread.name)
-        with self._lock:
-            pending = list(self._futures.values())
-            self._futures.clear()
-        if pending or not flushed:
-            logger.warning(
-                "%s: closing with %d event(s) not acknowledged by IoT Hub; they stay in %s "
-                "and are sent after the next start",
-                self.name,
-                self.outbox.depth(),
-                self.outbox.path,
-            )
-        error = SinkError(
-            f"{self.name}: closed before IoT Hub acknowledged the event; it stays in the "
-            f"outbox {self.outbox.path} and is sent after the next start"
-        )
-        for future in pending:
-            if not future.done():
-                future.set_exception(error)
-        self.outbox.close()
+        self._fail_unacknowledged(flushed)
 
     def health(self) -> dict[str, Any]:
         info = super().health()
-        try:
-            outbox: dict[str, Any] = self.outbox.stats().to_json()
-        except OutboxError as e:
-            outbox = {"error": str(e)}
+        outbox = self._outbox_health()
         with self._state_lock:
             state = {
                 "sent": self._state_sent,
@@ -542,13 +448,13 @@ class IotHubSink(Sink):
     def _connection_changed(self, was: bool, connected: bool) -> None:
         if connected and not was:
             self._connects += 1
-            self._connected_since = _now_iso()
+            self._connected_since = now_iso()
             logger.info("%s: connected (%s)", self.name, self.identity)
             if self.twin_enabled:
                 self._control.put(("sync", None))
         elif was and not connected:
             self._disconnects += 1
-            self._last_disconnect = _now_iso()
+            self._last_disconnect = now_iso()
             if self._stop.is_set():
                 logger.info("%s: disconnected", self.name)
             else:
@@ -669,23 +575,7 @@ class IotHubSink(Sink):
                 self._idle(delay)
                 return
             self._backoff.reset()
-            self._acknowledge(item.id)
-
-    def _acknowledge(self, row: int) -> None:
-        try:
-            self.outbox.ack([row])
-        except OutboxError as e:
-            # The row stays and is sent again: a duplicate, never a loss.
-            logger.error(
-                "%s: cannot remove an acknowledged event from the outbox: %s", self.name, e
-            )
-        with self._lock:
-            future = self._futures.pop(row, None)
-        self._count_ok()
-        if future is not None and not future.done():
-            future.set_result(None)
-        with self._flushed:
-            self._flushed.notify_all()
+            self._acknowledge_rows([item.id])
 
     def _send(self, message: Any, output: str) -> None:
         """One message to ``output``; returns when IoT Hub acknowledged it."""
@@ -704,44 +594,7 @@ class IotHubSink(Sink):
         message.custom_properties.update(properties)
         return message
 
-    def _purge_if_due(self) -> None:
-        now = time.monotonic()
-        if now < self._next_purge:
-            return
-        self._next_purge = now + PURGE_INTERVAL_S
-        try:
-            dropped = self.outbox.purge_expired()
-        except OutboxError as e:
-            logger.error("%s: cannot purge the outbox: %s", self.name, e)
-            return
-        self._settle_drops(dropped)
-
-    def _settle_drops(self, dropped: tuple[Dropped, ...] | list[Dropped]) -> None:
-        """Fail the futures of dropped events (the outbox has logged and counted them)."""
-        if not dropped:
-            return
-        with self._lock:
-            futures = [(d, self._futures.pop(d.id, None)) for d in dropped if d.id is not None]
-        for d, future in futures:
-            error = SinkError(f"{self.name}: event {d.key} dropped from the outbox ({d.reason})")
-            self._count_failed(error)
-            if future is not None and not future.done():
-                future.set_exception(error)
-        with self._flushed:
-            self._flushed.notify_all()
-
     # -- state telemetry (worker) --------------------------------------------------------
-
-    def _offer_state(self, message: Mapping[str, Any]) -> None:
-        key = (message.get("class"), message.get("active_class"))
-        with self._state_lock:
-            if self._pending_state is not None:
-                self._state_superseded += 1
-            self._pending_state = message
-            urgent = key != self._last_state_key
-            self._state_urgent = self._state_urgent or urgent
-        if urgent:
-            self._wake.set()
 
     def _send_state_if_due(self) -> None:
         if not self._client.connected:
@@ -758,7 +611,7 @@ class IotHubSink(Sink):
             self._last_state_key = (message.get("class"), message.get("active_class"))
             self._last_state_sent = now
         try:
-            payload = _json_bytes(message)
+            payload = json_bytes(message)
             self._send(
                 self._new_message(payload, message_properties(message)), self.telemetry_output
             )
@@ -868,7 +721,7 @@ class IotHubSink(Sink):
                 "desired_version": version,
                 "error": error,
                 "config": config_report(config),
-                "reported_at": _now_iso(),
+                "reported_at": now_iso(),
             }
         }
         try:
@@ -960,7 +813,7 @@ class IotHubSink(Sink):
             raise _Problem("before_seq must be an integer or null")
         events = runtime.recent_events(limit, before)
         truncated = False
-        while events and len(_json_bytes(events)) > MAX_METHOD_RESPONSE_BYTES:
+        while events and len(json_bytes(events)) > MAX_METHOD_RESPONSE_BYTES:
             events = events[:-1]
             truncated = True
         return {"events": events, "count": len(events), "truncated": truncated}
@@ -1017,11 +870,6 @@ class IotHubSink(Sink):
             self._client.shutdown()
         except Exception as e:
             logger.debug("%s: client shutdown: %s", self.name, _describe(e))
-
-    def _fail(self, error: SinkError) -> Future[None]:
-        self._count_failed(error)
-        logger.warning("%s", error)
-        return resolved(error)
 
 
 def _describe(error: BaseException) -> str:

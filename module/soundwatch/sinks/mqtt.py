@@ -59,24 +59,25 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Protocol
 
 from soundwatch.ha_discovery import discovery_messages
-from soundwatch.outbox import Dropped, Outbox, OutboxError, OutboxFull
+from soundwatch.outbox import OutboxError
 from soundwatch.sinks import mqtt_compat
-from soundwatch.sinks.base import Sink, SinkConfigError, SinkError, is_state, resolved, sink_error
+from soundwatch.sinks.base import SinkConfigError
+from soundwatch.sinks.outbox_sink import (
+    DEFAULT_CLOSE_TIMEOUT_S,
+    PURGE_INTERVAL_S,
+    OutboxSink,
+    json_bytes,
+    now_iso,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 MAX_COMMAND_BYTES = 64 * 1024
-DEFAULT_CLOSE_TIMEOUT_S = 10.0
-# How often expired events are purged while the worker runs.
-PURGE_INTERVAL_S = 60.0
 # The worker re-checks its timers at least this often.
 MAX_IDLE_WAIT_S = 1.0
 # paho may hold a few non-event messages (status, state, health) besides events.
@@ -121,18 +122,11 @@ class Backoff:
         self._attempt = 0
 
 
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _json_bytes(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-
-
-class MqttSink(Sink):
+class MqttSink(OutboxSink):
     """Publishes to an MQTT broker (see the module docstring). Thread-safe."""
 
     type_name = "mqtt"
+    destination = "the broker"
 
     def __init__(
         self,
@@ -218,15 +212,10 @@ class MqttSink(Sink):
         ssl_context = _ssl_context(tls_opts, self.name) if tls_enabled else None
 
         # Shared between the caller's threads, paho's thread and the worker.
-        self._lock = threading.Lock()
-        self._futures: dict[int, Future[None]] = {}
-        self._flushed = threading.Condition()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._conn_change = threading.Event()
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._commands: queue.SimpleQueue[tuple[bytes, bool]] = queue.SimpleQueue()
-        self._closed = False
         self._connected = False
         self._lost = False
         self._refusal: str | None = None
@@ -235,26 +224,20 @@ class MqttSink(Sink):
         self._net: threading.Thread | None = None
         self._runtime: CommandTarget | None = None
         self._announce = False
-        # The latest state message, its "class change" key and timing.
-        self._state_lock = threading.Lock()
-        self._pending_state: Mapping[str, Any] | None = None
-        self._state_urgent = False
+        # The last state sent and when (the pending one is OutboxSink's).
         self._last_state: Mapping[str, Any] | None = None
-        self._last_state_key: tuple[Any, Any] | None = None
         self._last_state_sent = -float("inf")
         # Worker-only bookkeeping.
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
         self._cursor = 0  # highest row id handed to paho
         self._barrier: set[int] = set()  # rows paho resends after a reconnect
         self._next_health = 0.0
-        self._next_purge = 0.0
         # Counters for health.
         self._connects = 0
         self._disconnects = 0
         self._connected_since: str | None = None
         self._resent = 0
         self._state_published = 0
-        self._state_superseded = 0
         self._commands_applied = 0
         self._commands_rejected = 0
 
@@ -281,18 +264,7 @@ class MqttSink(Sink):
         mqtt_compat.set_connect_timeout(self._client, connect_timeout_s)
 
         # Last: from here on the outbox file is held (and locked) by this sink.
-        try:
-            self.outbox = Outbox(
-                Path(outbox["path"]),
-                max_events=int(outbox.get("max_events", 10_000)),
-                max_bytes=int(outbox.get("max_bytes", 50_000_000)),
-                max_age_s=float(outbox.get("max_age_s", 7 * 24 * 3600.0)),
-                overflow=outbox.get("overflow", "drop_oldest"),
-            )
-        except ValueError as e:
-            raise SinkConfigError(f"mqtt sink {self.name!r}: {e}") from e
-        except OutboxError as e:
-            raise SinkError(f"mqtt sink {self.name!r}: {e}") from e
+        self._open_outbox(outbox)
         depth = self.outbox.depth()
         logger.info(
             "%s: MQTT %s:%d (%s), client id %s, topics %s/..., %d event(s) waiting in %s",
@@ -316,58 +288,6 @@ class MqttSink(Sink):
         self._announce = True
         self._wake.set()
 
-    def publish(self, message: Mapping[str, Any]) -> Future[None]:
-        """Events: stored in the outbox, the future resolves on PUBACK.
-
-        State messages: kept as the latest value for the ``state`` topic; the
-        future resolves at once (a state superseded before it is sent is
-        never sent, by design: the topic carries the latest value).
-        """
-        if not self.accepts(message):
-            self._count_skipped()
-            return resolved()
-        if self._closed:
-            return self._fail(SinkError(f"{self.name}: sink is closed"))
-        if is_state(message):
-            self._offer_state(message)
-            return resolved()
-        try:
-            payload = _json_bytes(message)
-        except (TypeError, ValueError) as e:
-            return self._fail(sink_error(f"{self.name}: message is not JSON: {e}", e))
-        key = str(message.get("event_id") or uuid.uuid4())
-        future: Future[None] = Future()
-        with self._lock:
-            try:
-                stored = self.outbox.enqueue(key, payload)
-            except OutboxFull as e:
-                return self._fail(sink_error(f"{self.name}: {e}", e))
-            except OutboxError as e:
-                return self._fail(sink_error(f"{self.name}: cannot store event {key}: {e}", e))
-            self._futures[stored.id] = future
-        self._settle_drops(stored.dropped)
-        self._wake.set()
-        return future
-
-    def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every event stored so far has been acknowledged by the broker."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        try:
-            target = self.outbox.last_id()
-        except OutboxError:
-            return False
-        with self._flushed:
-            while True:
-                try:
-                    if self.outbox.pending_through(target) == 0:
-                        return True
-                except OutboxError:
-                    return False
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._flushed.wait(0.5 if left is None else min(left, 0.5))
-
     def close(self, timeout_s: float | None = None) -> None:
         """Flush (up to ``timeout_s``, default 10 s), publish ``offline``, disconnect. Idempotent.
 
@@ -387,33 +307,11 @@ class MqttSink(Sink):
         self._worker.join(left + _OFFLINE_ACK_WAIT_S + 1.0)
         if self._worker.is_alive():
             logger.warning("%s: worker did not stop in time", self.name)
-        with self._lock:
-            pending = list(self._futures.values())
-            self._futures.clear()
-        depth = self.outbox.depth()
-        if pending or not flushed:
-            logger.warning(
-                "%s: closing with %d event(s) not acknowledged by the broker; they stay in "
-                "%s and are sent after the next start",
-                self.name,
-                depth,
-                self.outbox.path,
-            )
-        error = SinkError(
-            f"{self.name}: closed before the broker acknowledged the event; it stays in "
-            f"the outbox {self.outbox.path} and is sent after the next start"
-        )
-        for future in pending:
-            if not future.done():
-                future.set_exception(error)
-        self.outbox.close()
+        self._fail_unacknowledged(flushed)
 
     def health(self) -> dict[str, Any]:
         info = super().health()
-        try:
-            outbox: dict[str, Any] = self.outbox.stats().to_json()
-        except OutboxError as e:
-            outbox = {"error": str(e)}
+        outbox = self._outbox_health()
         with self._state_lock:
             state = {
                 "published": self._state_published,
@@ -594,7 +492,7 @@ class MqttSink(Sink):
 
     def _serve(self) -> None:
         self._connects += 1
-        self._connected_since = _now_iso()
+        self._connected_since = now_iso()
         with self._stats_lock:
             self._last_error = None
         client = self._client
@@ -677,24 +575,8 @@ class MqttSink(Sink):
             if row is not None:  # None: a status/state/health message
                 acked.append(row)
                 self._barrier.discard(row)
-        if not acked:
-            return
-        try:
-            self.outbox.ack(acked)
-        except OutboxError as e:
-            # The rows stay on disk and are sent again after a restart: a
-            # duplicate, never a loss.
-            logger.error("%s: cannot remove acknowledged events from the outbox: %s", self.name, e)
-            with self._stats_lock:
-                self._last_error = str(e)
-        with self._lock:
-            futures = [self._futures.pop(row, None) for row in acked]
-        for future in futures:
-            self._count_ok()
-            if future is not None and not future.done():
-                future.set_result(None)
-        with self._flushed:
-            self._flushed.notify_all()
+        if acked:
+            self._acknowledge_rows(acked)
 
     def _send_events(self) -> None:
         if self._barrier or not self._connected:
@@ -725,44 +607,7 @@ class MqttSink(Sink):
             self._inflight[info.mid] = item.id
             self._cursor = item.id
 
-    def _purge_if_due(self) -> None:
-        now = time.monotonic()
-        if now < self._next_purge:
-            return
-        self._next_purge = now + PURGE_INTERVAL_S
-        try:
-            dropped = self.outbox.purge_expired()
-        except OutboxError as e:
-            logger.error("%s: cannot purge the outbox: %s", self.name, e)
-            return
-        self._settle_drops(dropped)
-
-    def _settle_drops(self, dropped: tuple[Dropped, ...] | list[Dropped]) -> None:
-        """Fail the futures of dropped events (the outbox has logged and counted them)."""
-        if not dropped:
-            return
-        with self._lock:
-            futures = [(d, self._futures.pop(d.id, None)) for d in dropped if d.id is not None]
-        for d, future in futures:
-            error = SinkError(f"{self.name}: event {d.key} dropped from the outbox ({d.reason})")
-            self._count_failed(error)
-            if future is not None and not future.done():
-                future.set_exception(error)
-        with self._flushed:
-            self._flushed.notify_all()
-
     # -- state, health, discovery, commands (worker) -------------------------------
-
-    def _offer_state(self, message: Mapping[str, Any]) -> None:
-        key = (message.get("class"), message.get("active_class"))
-        with self._state_lock:
-            if self._pending_state is not None:
-                self._state_superseded += 1
-            self._pending_state = message
-            urgent = key != self._last_state_key
-            self._state_urgent = self._state_urgent or urgent
-        if urgent:
-            self._wake.set()
 
     def _publish_state_if_due(self) -> None:
         now = time.monotonic()
@@ -797,7 +642,7 @@ class MqttSink(Sink):
             except Exception as e:
                 logger.exception("%s: runtime health failed", self.name)
                 report = {"healthy": False, "error": f"health failed: {e}"}
-        report["emitted_at"] = _now_iso()
+        report["emitted_at"] = now_iso()
         return report
 
     def _publish_announcements(self) -> None:
@@ -860,7 +705,7 @@ class MqttSink(Sink):
                 "ok": False,
                 "request_id": request_id,
                 "errors": errors,
-                "emitted_at": _now_iso(),
+                "emitted_at": now_iso(),
             }
 
         if retained:
@@ -897,11 +742,11 @@ class MqttSink(Sink):
             logger.exception("%s: applying a set command failed", self.name)
             return rejected([{"key": "(internal)", "message": str(e)}])
         logger.info("%s: set command applied: %s", self.name, patch)
-        return {"ok": True, "request_id": request_id, "applied": patch, "emitted_at": _now_iso()}
+        return {"ok": True, "request_id": request_id, "applied": patch, "emitted_at": now_iso()}
 
     def _publish_json(self, topic: str, doc: Mapping[str, Any], *, retain: bool) -> None:
         try:
-            payload = _json_bytes(doc)
+            payload = json_bytes(doc)
         except (TypeError, ValueError) as e:
             logger.error("%s: cannot encode a message for %s: %s", self.name, topic, e)
             return
@@ -913,11 +758,6 @@ class MqttSink(Sink):
                 topic,
                 mqtt_compat.error_text(info.rc),
             )
-
-    def _fail(self, error: SinkError) -> Future[None]:
-        self._count_failed(error)
-        logger.warning("%s", error)
-        return resolved(error)
 
 
 def _check_options(
