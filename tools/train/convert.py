@@ -72,8 +72,16 @@ def to_float_tflite(model: Any, rounded: bool = True) -> bytes:
 
 
 def to_int8_tflite(model: Any, representative: F32) -> bytes:
-    """The full-integer model: int8 weights, activations, input and output."""
+    """The full-integer model: int8 weights, activations, input and output.
+
+    ``statpool`` is first rearranged for per-tensor scales (same function,
+    see :mod:`tools.train.int8_layout`).
+    """
     import tensorflow as tf
+
+    from tools.train.int8_layout import rearranged
+
+    model = rearranged(model, representative)
 
     def samples() -> Iterator[list[F32]]:
         for window in representative:
