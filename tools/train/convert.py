@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from tools.train.int8_layout import LayoutChoice, best_layout
+
 logger = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
@@ -71,17 +73,13 @@ def to_float_tflite(model: Any, rounded: bool = True) -> bytes:
         set_fake_quant(model, True)
 
 
-def to_int8_tflite(model: Any, representative: F32) -> bytes:
+def to_int8_tflite(model: Any, representative: F32, validation: F32) -> LayoutChoice:
     """The full-integer model: int8 weights, activations, input and output.
 
-    ``statpool`` is first rearranged for per-tensor scales (same function,
-    see :mod:`tools.train.int8_layout`).
+    ``statpool`` is rearranged for per-tensor scales first (same function;
+    :mod:`tools.train.int8_layout` picks the layout on ``validation``).
     """
     import tensorflow as tf
-
-    from tools.train.int8_layout import rearranged
-
-    model = rearranged(model, representative)
 
     def samples() -> Iterator[list[F32]]:
         for window in representative:
@@ -94,4 +92,4 @@ def to_int8_tflite(model: Any, representative: F32) -> bytes:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
 
-    return _convert(model, configure)
+    return best_layout(model, representative, validation, lambda m: _convert(m, configure))

@@ -1,38 +1,47 @@
 """``statpool`` rearranged for per-tensor int8: the same function, better ranges.
 
-Full-integer int8 gives every activation tensor one scale. The movement
-statistics of ``statpool`` (time means of learned filters, one per row and
-filter) have very different ranges: on the shipped network the widest of
-the 504 statistics of c1..c63 spans 10x the narrowest, and c0's 8 span 20x.
-On one scale the narrow ones are a step or two wide, and the batch
-normalisation behind them, which divides by their spread, blows that
-rounding up (measured on the bundle converted without this: 42 % relative
-error after the normalisation, int8/float top-1 agreement 0.968 and -6 dB
-accuracy 0.825; with it, on the same trained network: 0.992 and 0.870).
+Full-integer int8 gives every activation tensor one scale. Converted as
+trained, ``statpool`` lost most of its int8 precision in the movement
+statistics (time means of learned filters, one per row and filter):
+measured on the previous bundle, 42 % relative error after the batch
+normalisation, int8/float top-1 agreement 0.968 on the held-out unit and
+-6 dB accuracy 0.825. Two things caused it, and the network handed to the
+converter computes exactly what the trained one computes but avoids both:
 
-What this module builds for the converter computes exactly what the trained
-network computes, laid out so that one scale fits every statistic:
+* **The centre was rounded per frame.** ``RunningCentre`` subtracts a
+  constant per statistic from every frame; on the per-frame int8 grid that
+  constant is rounded, and for a filter that is mostly off the rounding
+  error is the same in every frame, so it shifts the statistic for every
+  window. Here a depthwise convolution over blocks of 5 frames (weights
+  ``1 / 5``, bias ``-centre``) takes the centre off in its int32
+  accumulator, and a MEAN over the centred block means follows, on a grid
+  that only has to span the movement.
+* **One scale for statistics of very different ranges** (on the shipped
+  network the widest of the 504 statistics of c1..c63 spans 10x the
+  narrowest). The rows become channels (a TRANSPOSE) and the filters, shared
+  across rows in training, a depthwise convolution whose weights differ per
+  row and filter by a positive gain ``g``: ``relu(g z) = g relu(z)``, so
+  each statistic is scaled by its ``g``, and int8 weights are quantised per
+  channel, so the gain costs no weight precision. ``g = range ** -strength``:
+  0 leaves the ranges alone, 1 makes them all equal. Equal ranges are not
+  always best (the per-frame tensor of a strongly amplified filter then sets
+  everyone's step), and the int8 outcome is not smooth in ``strength``, so
+  :func:`best_layout` converts a few strengths and keeps the one whose int8
+  model agrees best with the float network on the *validation* unit.
 
-* the rows become channels (a TRANSPOSE), and the filters, which training
-  shares across rows, become a depthwise convolution whose weights differ
-  per row and filter only by a positive gain ``g``. Since
-  ``relu(g z) = g relu(z)`` for ``g > 0``, each statistic comes out
-  multiplied by its own ``g``; int8 weights are quantised per output
-  channel, so the gain costs no weight precision;
-* ``g`` is chosen from the representative windows so that every statistic
-  spans the same range;
-* the batch normalisation (an affine map per statistic) is folded, together
-  with ``1 / g``, into the dense layer behind it.
-
-The float reference models are converted from the trained network itself,
-so the int8/float comparison measures this rearrangement too; and
-:func:`rearranged` checks on the representative windows that the Keras
-outputs agree before anything is converted.
+The batch normalisation (an affine map per statistic) is folded, with
+``1 / g``, into the dense layer behind it. The float reference models are
+converted from the trained network itself, so the int8/float comparison
+measures this rearrangement too, and :func:`rearranged` checks on the
+representative windows that the Keras outputs agree before anything is
+converted.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,20 +61,32 @@ MAX_GAIN_RATIO = 30.0
 MAX_PROBABILITY_DIFFERENCE = 1e-4
 MOVEMENT_PATHS = ("c0", "rest")
 BATCH = 50
+# Frames per block of the centring convolution (see _movement).
+MIN_BLOCK = 4
+# Strengths tried by best_layout (a coarse grid: a finer one would mostly
+# pick validation noise, the outcome jumps by a point between neighbours).
+STRENGTHS = (0.0, 0.5, 1.0)
 
 
-def rearranged(model: Any, windows: F32) -> Any:
+def applies(model: Any) -> bool:
+    """Whether ``model`` has the movement paths this module rearranges (``statpool``)."""
+    names = {layer.name for layer in model.layers}
+    return all(f"{path}_filters" in names for path in MOVEMENT_PATHS)
+
+
+def rearranged(model: Any, windows: F32, strength: float = 1.0) -> Any:
     """``model`` with its movement paths rearranged for int8 (other archs: unchanged).
 
     ``windows``: normalised ``(n, rows, frames)`` representative windows.
+    ``strength`` in [0, 1]: how far the gains equalise the statistics' ranges
+    (0: no gains, 1: every statistic spans the same range).
     """
-    names = {layer.name for layer in model.layers}
-    if not all(f"{path}_filters" in names for path in MOVEMENT_PATHS):
+    if not applies(model):
         return model
     import keras
 
     x = windows[..., None].astype(np.float32)
-    gains = {path: _gains(_statistics(model, path, x)) for path in MOVEMENT_PATHS}
+    gains = {path: _gains(_statistics(model, path, x), strength) for path in MOVEMENT_PATHS}
 
     inputs = keras.Input(shape=model.input_shape[1:], name="mfcc")
     core = model.get_layer("core_frames")(_maybe(model, "int8_input")(inputs))
@@ -106,11 +127,11 @@ def _statistics(model: Any, path: str, x: F32) -> F32:
     return np.concatenate(parts)[:, :, 0, :].astype(np.float32)
 
 
-def _gains(stats: F32) -> F32:
-    """Per (row, filter): the gain that makes its largest value 1 (capped, see above)."""
+def _gains(stats: F32, strength: float) -> F32:
+    """Per (row, filter): ``1 / range ** strength`` (capped, see above)."""
     peak = np.max(np.abs(stats), axis=0)
     floor = float(np.median(peak)) / MAX_GAIN_RATIO
-    g: F32 = (1.0 / np.maximum(peak, floor)).astype(np.float32)
+    g: F32 = (np.maximum(peak, floor) ** -strength).astype(np.float32)
     return g
 
 
@@ -122,7 +143,7 @@ def _centred(model: Any, path: str, x: Any) -> Any:
 
 
 def _movement(model: Any, path: str, head: str, x: Any, gains: F32) -> Any:
-    """Centre, per-row filters with gains, offset, time mean, folded BN + dense: logits."""
+    """Centre, per-row filters with gains, block centring, time mean, folded BN + dense."""
     from keras import layers
 
     filters = gains.shape[1]
@@ -131,24 +152,44 @@ def _movement(model: Any, path: str, head: str, x: Any, gains: F32) -> Any:
     conv = layers.DepthwiseConv2D(
         (1, 3), depth_multiplier=filters, activation="relu", name=f"{path}_row_filters"
     )
-    offset = _layer_classes()["RunningCentre"](name=f"{path}_row_offset")
+    frames = int(conv.compute_output_shape(h.shape)[2])
+    # Time mean minus running centre, in two steps. A depthwise convolution
+    # over blocks of a few frames (weights 1/B, bias -centre) takes the
+    # centre off in its int32 accumulator: on an int8 grid the constant would
+    # be rounded the same way in every frame and shift the statistic of every
+    # window. Its output is centred, so the MEAN over the block means behind
+    # it gets a grid as fine as the movement, and averages the blocks'
+    # rounding errors away. (One kernel over all 425 frames is as accurate,
+    # but its weights are 214 KB and it runs 1 ms slower.)
+    block = _block_size(frames)
+    blocks = layers.DepthwiseConv2D((1, block), strides=(1, block), name=f"{path}_row_blocks")
     stats = _layer_classes()["TimeMean"](name=f"{path}_row_stats")
     flat = layers.Flatten(name=f"{path}_row_flat")
     dense = layers.Dense(int(model.get_layer(f"{head}_logits").units), name=f"{path}_row_logits")
-    out = dense(flat(stats(offset(conv(h)))))
+    out = dense(flat(stats(blocks(conv(h)))))
 
     kernel, bias = model.get_layer(f"{path}_filters").get_weights()  # (1, 3, 1, F), (F,)
     # Depthwise output channel r * F + f is row r, filter f: the trained
     # Flatten of (rows, 1, F) orders the statistics the same way.
     conv.set_weights([kernel[:, :, 0:1, :] * gains[None, None], (bias[None] * gains).ravel()])
     (centre,) = model.get_layer(f"{path}_offset").get_weights()  # (rows, 1, F)
-    offset.set_weights([(centre[:, 0, :] * gains).reshape(1, 1, -1)])
+    blocks.set_weights(
+        [
+            np.full((1, block, gains.size, 1), 1.0 / block, dtype=np.float32),
+            -(centre[:, 0, :] * gains).ravel(),
+        ]
+    )
     gamma, beta, mean, var = model.get_layer(f"{head}_bn").get_weights()
     scale = gamma / np.sqrt(var + model.get_layer(f"{head}_bn").epsilon)
     shift = beta - scale * mean
     w, b = model.get_layer(f"{head}_logits").get_weights()
     dense.set_weights([(scale / gains.ravel())[:, None] * w, shift @ w + b])
     return out
+
+
+def _block_size(frames: int) -> int:
+    """The smallest divisor of ``frames`` from :data:`MIN_BLOCK` on (5 for 425 frames)."""
+    return next(d for d in range(MIN_BLOCK, frames + 1) if frames % d == 0)
 
 
 def _check_same_function(model: Any, out: Any, x: F32) -> None:
@@ -163,3 +204,83 @@ def _check_same_function(model: Any, out: Any, x: F32) -> None:
             f"(max probability difference {diff:.2g})"
         )
     logger.info("int8 layout: same function as the trained network (max diff %.1g)", diff)
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    """The int8 model kept, and what each strength scored on the validation unit."""
+
+    model: bytes
+    strength: float | None
+    agreement: dict[str, float]
+    mean_abs_prob_diff: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "strength": self.strength,
+            "tried": list(STRENGTHS) if self.strength is not None else [],
+            "validation_top1_agreement": self.agreement,
+            "validation_mean_abs_prob_diff": self.mean_abs_prob_diff,
+            "rule": "highest int8/float top-1 agreement on the validation unit, "
+            "ties to the lower mean |p_int8 - p_float|",
+        }
+
+
+def best_layout(
+    model: Any, representative: F32, validation: F32, convert: Callable[[Any], bytes]
+) -> LayoutChoice:
+    """Convert ``statpool`` at each of :data:`STRENGTHS`, keep the best on ``validation``.
+
+    ``convert`` turns a Keras model into int8 TFLite bytes; ``validation``
+    holds normalised windows of the validation unit (never the held-out one).
+    Other networks are converted once, as they are.
+    """
+    if not applies(model):
+        return LayoutChoice(convert(model), None, {}, {})
+    reference = _keras_probs(model, validation)
+    best: tuple[float, float, float, bytes] | None = None
+    agreement, diff = {}, {}
+    for strength in STRENGTHS:
+        data = convert(rearranged(model, representative, strength))
+        probs = int8_probs(data, validation)
+        key = f"{strength:g}"
+        agreement[key] = round(float(np.mean(probs.argmax(1) == reference.argmax(1))), 4)
+        diff[key] = round(float(np.mean(np.abs(probs - reference))), 5)
+        logger.info(
+            "int8 layout: strength %s: validation agreement %.4f, mean |dp| %.4f",
+            key,
+            agreement[key],
+            diff[key],
+        )
+        if best is None or (agreement[key], -diff[key]) > (best[0], -best[1]):
+            best = (agreement[key], diff[key], strength, data)
+    assert best is not None
+    logger.info("int8 layout: kept strength %g", best[2])
+    return LayoutChoice(best[3], best[2], agreement, diff)
+
+
+def int8_probs(data: bytes, x_norm: F32) -> F32:
+    """Probabilities of an int8 TFLite model for normalised windows."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=data, num_threads=1)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+    probs = []
+    for window in x_norm:
+        q = np.clip(np.round(window / in_scale) + in_zero, -128, 127).astype(np.int8)
+        interp.set_tensor(inp["index"], q[None, :, :, None])
+        interp.invoke()
+        probs.append(interp.get_tensor(out["index"]).astype(np.float32).ravel() - out_zero)
+    result: F32 = (np.stack(probs) * out_scale).astype(np.float32)
+    return result
+
+
+def _keras_probs(model: Any, x: F32) -> F32:
+    parts = [
+        np.asarray(model(x[i : i + BATCH, ..., None], training=False))
+        for i in range(0, len(x), BATCH)
+    ]
+    return np.concatenate(parts).astype(np.float32)

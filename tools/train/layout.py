@@ -149,6 +149,10 @@ class Layout:
         return self.run_dir / "model-float-clean.tflite"
 
     @property
+    def int8_layout_json(self) -> Path:
+        return self.run_dir / "int8-layout.json"
+
+    @property
     def candidate_dir(self) -> Path:
         return self.run_dir / "candidate"
 

@@ -340,7 +340,10 @@ def convert(cfg: TrainConfig) -> None:
         grid.limit if grid else None,
     )
     rep = conv.representative_windows(x_train, y_train, cfg.seed, conv.REPRESENTATIVE_WINDOWS)
-    int8 = conv.to_int8_tflite(model, norm.apply(rep))
+    x_val = data.part("val", originals_only=True)[0]
+    choice = conv.to_int8_tflite(model, norm.apply(rep), norm.apply(x_val))
+    int8 = choice.model
+    ev.write_json(cfg.layout.int8_layout_json, choice.to_json())
     flt = conv.to_float_tflite(model)
     cfg.layout.int8_tflite.write_bytes(int8)
     cfg.layout.float_tflite.write_bytes(flt)
@@ -480,6 +483,7 @@ def export(cfg: TrainConfig, timings: dict[str, float] | None = None) -> Path:
         "params": state.get("params"),
         "n_mfcc": cfg.n_mfcc,
         "input_grid": _grid_doc(load_grid(lay.norm_npz)),
+        "int8_layout": _read_json(lay.int8_layout_json),
         "epochs": state["epoch"],
         "best_epoch": state["best_epoch"],
         "batch_size": cfg.batch_size,
@@ -526,6 +530,10 @@ def export(cfg: TrainConfig, timings: dict[str, float] | None = None) -> Path:
     copy_file(lay.float_tflite, cfg.float_copy)
     copy_file(lay.confusion_png, cfg.confusion_copy)
     return path
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def _grid_doc(grid: InputGrid | None) -> dict[str, Any] | None:
