@@ -45,6 +45,10 @@ agreement):
 * the first 2 and last 4 frames are dropped: the zero fill and the frames
   whose STFT window reaches into librosa's zero padding are outliers that
   would set the int8 ranges.
+
+The converter is handed an equal network laid out further for int8 (rows as
+channels, per-statistic gains, the centre in an int32 bias):
+:mod:`tools.train.int8_layout`.
 """
 
 from __future__ import annotations
