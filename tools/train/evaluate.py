@@ -40,24 +40,31 @@ def predict_int8(bundle_dir: Path, x_raw: F32) -> F32:
     return out
 
 
-def _interpreter(model_path: Path, threads: int = 1) -> Any:
+def _interpreter(model: Path | bytes, threads: int = 1) -> Any:
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_path=str(model_path), num_threads=threads)
+    if isinstance(model, bytes):
+        interp = Interpreter(model_content=model, num_threads=threads)
+    else:
+        interp = Interpreter(model_path=str(model), num_threads=threads)
     interp.allocate_tensors()
     return interp
 
 
-def predict_float(model_path: Path, x_norm: F32) -> F32:
-    """Probabilities of the float32 TFLite model for normalised windows."""
-    interp = _interpreter(model_path)
-    inp = interp.get_input_details()[0]["index"]
-    out = interp.get_output_details()[0]["index"]
+def predict_tflite(model: Path | bytes, x_norm: F32) -> F32:
+    """Probabilities of a TFLite model (float, or int8 in and out) for normalised windows."""
+    interp = _interpreter(model)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"] if inp["dtype"] == np.int8 else (0.0, 0)
+    out_scale, out_zero = out["quantization"] if out["dtype"] == np.int8 else (0.0, 0)
     probs = []
     for w in x_norm:
-        interp.set_tensor(inp, w[None, :, :, None].astype(np.float32))
+        if in_scale:
+            w = np.clip(np.round(w / in_scale) + in_zero, -128, 127)
+        interp.set_tensor(inp["index"], w[None, :, :, None].astype(inp["dtype"]))
         interp.invoke()
-        probs.append(interp.get_tensor(out).reshape(-1))
+        p = interp.get_tensor(out["index"]).reshape(-1).astype(np.float32)
+        probs.append((p - out_zero) * out_scale if out_scale else p)
     result: F32 = np.stack(probs).astype(np.float32)
     return result
 

@@ -48,6 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tools.train.arch import _layer_classes
+from tools.train.evaluate import predict_tflite
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,7 @@ def _statistics(model: Any, path: str, x: F32) -> F32:
     import keras
 
     probe = keras.Model(model.inputs, model.get_layer(f"{path}_stats").output)
-    parts = [np.asarray(probe(x[i : i + BATCH], training=False)) for i in range(0, len(x), BATCH)]
-    return np.concatenate(parts)[:, :, 0, :].astype(np.float32)
+    return _batched(probe, x)[:, :, 0, :]
 
 
 def _gains(stats: F32, strength: float) -> F32:
@@ -159,8 +159,8 @@ def _movement(model: Any, path: str, head: str, x: Any, gains: F32) -> Any:
     # be rounded the same way in every frame and shift the statistic of every
     # window. Its output is centred, so the MEAN over the block means behind
     # it gets a grid as fine as the movement, and averages the blocks'
-    # rounding errors away. (One kernel over all 425 frames is as accurate,
-    # but its weights are 214 KB and it runs 1 ms slower.)
+    # rounding errors away. (One kernel over all 425 frames was about as
+    # accurate, but its weights are 214 KB.)
     block = _block_size(frames)
     blocks = layers.DepthwiseConv2D((1, block), strides=(1, block), name=f"{path}_row_blocks")
     stats = _layer_classes()["TimeMean"](name=f"{path}_row_stats")
@@ -192,12 +192,14 @@ def _block_size(frames: int) -> int:
     return next(d for d in range(MIN_BLOCK, frames + 1) if frames % d == 0)
 
 
+def _batched(model: Any, x: F32) -> F32:
+    """``model(x)`` in inference mode, :data:`BATCH` windows at a time."""
+    parts = [np.asarray(model(x[i : i + BATCH], training=False)) for i in range(0, len(x), BATCH)]
+    return np.concatenate(parts).astype(np.float32)
+
+
 def _check_same_function(model: Any, out: Any, x: F32) -> None:
-    diff = 0.0
-    for i in range(0, len(x), BATCH):
-        a = np.asarray(model(x[i : i + BATCH], training=False))
-        b = np.asarray(out(x[i : i + BATCH], training=False))
-        diff = max(diff, float(np.max(np.abs(a - b))))
+    diff = float(np.max(np.abs(_batched(model, x) - _batched(out, x))))
     if diff > MAX_PROBABILITY_DIFFERENCE:
         raise RuntimeError(
             f"int8 layout: the rearranged network differs from the trained one "
@@ -237,12 +239,12 @@ def best_layout(
     """
     if not applies(model):
         return LayoutChoice(convert(model), None, {}, {})
-    reference = _keras_probs(model, validation)
+    reference = _batched(model, validation[..., None])
     best: tuple[float, float, float, bytes] | None = None
     agreement, diff = {}, {}
     for strength in STRENGTHS:
         data = convert(rearranged(model, representative, strength))
-        probs = int8_probs(data, validation)
+        probs = predict_tflite(data, validation)
         key = f"{strength:g}"
         agreement[key] = round(float(np.mean(probs.argmax(1) == reference.argmax(1))), 4)
         diff[key] = round(float(np.mean(np.abs(probs - reference))), 5)
@@ -257,30 +259,3 @@ def best_layout(
     assert best is not None
     logger.info("int8 layout: kept strength %g", best[2])
     return LayoutChoice(best[3], best[2], agreement, diff)
-
-
-def int8_probs(data: bytes, x_norm: F32) -> F32:
-    """Probabilities of an int8 TFLite model for normalised windows."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=data, num_threads=1)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    in_scale, in_zero = inp["quantization"]
-    out_scale, out_zero = out["quantization"]
-    probs = []
-    for window in x_norm:
-        q = np.clip(np.round(window / in_scale) + in_zero, -128, 127).astype(np.int8)
-        interp.set_tensor(inp["index"], q[None, :, :, None])
-        interp.invoke()
-        probs.append(interp.get_tensor(out["index"]).astype(np.float32).ravel() - out_zero)
-    result: F32 = (np.stack(probs) * out_scale).astype(np.float32)
-    return result
-
-
-def _keras_probs(model: Any, x: F32) -> F32:
-    parts = [
-        np.asarray(model(x[i : i + BATCH, ..., None], training=False))
-        for i in range(0, len(x), BATCH)
-    ]
-    return np.concatenate(parts).astype(np.float32)

@@ -399,8 +399,8 @@ def evaluate(cfg: TrainConfig) -> dict[str, Any]:
         x_norm = norm.apply(x)
         probs[part] = {
             "int8": ev.predict_int8(lay.candidate_dir, x),
-            "float": ev.predict_float(lay.float_tflite, x_norm),
-            "float_clean": ev.predict_float(lay.float_clean_tflite, x_norm),
+            "float": ev.predict_tflite(lay.float_tflite, x_norm),
+            "float_clean": ev.predict_tflite(lay.float_clean_tflite, x_norm),
         }
         doc[part] = {
             "unit": cfg.val_unit if part == "val" else cfg.test_unit,
