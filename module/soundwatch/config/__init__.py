@@ -41,9 +41,12 @@ from soundwatch.config.yamlsrc import (
 )
 
 __all__ = [
+    "LIVE_KEYS",
     "Config",
     "ConfigError",
     "apply_patch",
+    "changed_keys",
+    "is_live_key",
     "load_config",
 ]
 
@@ -74,12 +77,14 @@ class MicSourceConfig(_Strict):
         None, description="device name substring or index; null = system default"
     )
     block_s: float = Field(0.1, gt=0, le=2, description="capture block length")
-    preferred_rates_hz: tuple[int, ...] = Field(
-        (48000, 44100, 22050, 16000), description="rates to probe, in order"
+    preferred_rates_hz: tuple[Annotated[int, Field(ge=1000, le=768_000)], ...] = Field(
+        (48000, 44100, 22050, 16000), min_length=1, description="rates to probe, in order"
     )
-    watchdog_s: float = Field(5.0, gt=0, description="no samples for this long = unhealthy")
-    flatline_s: float = Field(10.0, gt=0, description="constant signal for this long = unhealthy")
-    queue_blocks: int = Field(100, ge=2, description="capture queue bound (blocks)")
+    watchdog_s: float = Field(5.0, gt=0, le=600, description="no samples for this long = unhealthy")
+    flatline_s: float = Field(
+        10.0, gt=0, le=3600, description="constant signal for this long = unhealthy"
+    )
+    queue_blocks: int = Field(100, ge=2, le=10_000, description="capture queue bound (blocks)")
 
 
 class FileSourceConfig(_Strict):
@@ -96,7 +101,7 @@ class SimulatorSourceConfig(_Strict):
         "normal:20,imbalance:20,normal:15,clogging:20,normal:15,voltage_change:20",
         description="class:seconds,... played in a loop",
     )
-    unit: int = Field(6, ge=0, description="simulated fan unit id (6 = the held-out unit)")
+    unit: int = Field(6, ge=0, le=999, description="simulated fan unit id (6 = the held-out unit)")
     snr_db: float = Field(6.0, ge=-20, le=40)
     seed: int = 0
     rate_hz: int = Field(48000, ge=8000, le=192000)
@@ -135,17 +140,53 @@ class ModelConfig(_Strict):
     threads: int = Field(1, ge=1, le=16)
 
 
+# Bounds that keep detection possible. A decision spans confirm_n windows,
+# one hop apart: a K-of-N over more than ten minutes of stream would take that
+# long to confirm an anomaly and as long to clear one (one accepted command
+# once silenced every later alarm that way).
+MAX_DECISION_SPAN_S = 600.0
+MAX_COOLDOWN_S = 3600.0
+MIN_HOP_S = 0.1
+# An int8 model's largest probability is 255/256: a higher `on` never votes.
+MAX_ON_THRESHOLD = 0.99
+# Below this `off`, almost every window keeps an anomaly present: it would never clear.
+MIN_OFF_THRESHOLD = 0.05
+
+
 class WindowConfig(_Strict):
-    window_s: float = Field(10.0, ge=1.0, le=60.0, description="window length (model sees 10 s)")
-    hop_s: float = Field(
-        1.0, gt=0, le=60.0, description="hop; rounded to whole STFT frames (1 s -> 0.998 s)"
+    window_s: float = Field(
+        10.0,
+        ge=1.0,
+        le=60.0,
+        description="window length (the model sees 10 s); restart-only",
     )
-    silence_rms_dbfs: float = Field(-70.0, le=0, description="windows below this RMS are silent")
+    hop_s: float = Field(
+        1.0,
+        ge=MIN_HOP_S,
+        le=60.0,
+        description="hop; rounded to whole STFT frames (1 s -> 0.998 s); at most window_s",
+    )
+    silence_rms_dbfs: float = Field(
+        -70.0, ge=-150.0, le=-20.0, description="windows below this RMS are silent (never alarm)"
+    )
+
+    @model_validator(mode="after")
+    def _hop_within_window(self) -> WindowConfig:
+        if self.hop_s > self.window_s:
+            raise ValueError(
+                f"hop_s ({self.hop_s}) must not exceed window_s ({self.window_s}): "
+                "audio between windows would never be analysed"
+            )
+        return self
 
 
 class ClassThreshold(_Strict):
-    on: float = Field(..., gt=0, le=1, description="probability that votes for the class")
-    off: float = Field(..., gt=0, le=1, description="below this the anomaly is over")
+    on: float = Field(
+        ..., gt=0, le=MAX_ON_THRESHOLD, description="probability that votes for the class"
+    )
+    off: float = Field(
+        ..., ge=MIN_OFF_THRESHOLD, le=1, description="below this the anomaly is over"
+    )
 
     @model_validator(mode="after")
     def _off_le_on(self) -> ClassThreshold:
@@ -154,18 +195,36 @@ class ClassThreshold(_Strict):
         return self
 
 
-class DecisionConfigModel(_Strict):
+class DecisionConfig(_Strict):
+    """The decision stage's controls (thresholds with hysteresis, K of N, cooldown).
+
+    Used as it is by :class:`soundwatch.decision.DecisionState`; rules that
+    need the model's classes (a threshold for an unknown class) are checked
+    there, against the bundle.
+    """
+
     thresholds: dict[str, ClassThreshold] = Field(
-        default_factory=dict, description="per fault class; missing classes use the bundle's"
+        default_factory=dict,
+        description="per fault class; missing classes use the bundle's, with off = on - 0.2",
     )
-    confirm_k: int = Field(3, ge=1, description="windows that must agree ...")
-    confirm_n: int = Field(5, ge=1, description="... out of the last N")
-    cooldown_s: float = Field(10.0, ge=0, description="quiet time before the same class re-fires")
-    warmup_windows: int = Field(0, ge=0, description="windows ignored after start or a gap")
+    confirm_k: int = Field(3, ge=1, le=1000, description="windows that must agree ...")
+    confirm_n: int = Field(5, ge=1, le=1000, description="... out of the last N")
+    cooldown_s: float = Field(
+        10.0,
+        ge=0,
+        le=MAX_COOLDOWN_S,
+        description="quiet time before the same class re-fires",
+    )
+    warmup_windows: int = Field(
+        0, ge=0, le=1000, description="windows ignored after start or a gap"
+    )
+    suppress_when_silent: bool = Field(
+        True, description="silent windows neither vote nor keep an anomaly present"
+    )
     enabled: bool = Field(True, description="false: state only, no anomaly events")
 
     @model_validator(mode="after")
-    def _k_le_n(self) -> DecisionConfigModel:
+    def _k_le_n(self) -> DecisionConfig:
         if self.confirm_k > self.confirm_n:
             raise ValueError(
                 f"confirm_k ({self.confirm_k}) must not exceed confirm_n ({self.confirm_n})"
@@ -178,15 +237,21 @@ class DecisionConfigModel(_Strict):
 
 class ConsoleSinkConfig(_Strict):
     type: Literal["console"] = "console"
+    name: str = Field(
+        "console", pattern=r"^[A-Za-z0-9_.-]+$", description="names the sink in health"
+    )
     show_state: bool = Field(False, description="also print one line per window")
 
 
 class JsonlSinkConfig(_Strict):
     type: Literal["jsonl"] = "jsonl"
+    name: str = Field("jsonl", pattern=r"^[A-Za-z0-9_.-]+$", description="names the sink in health")
     path: Path
-    max_bytes: int = Field(10_000_000, ge=1024)
-    backups: int = Field(5, ge=0)
-    include_state: bool = False
+    max_bytes: int = Field(
+        10_000_000, ge=1024, le=10_000_000_000, description="rotate before a file grows past this"
+    )
+    backups: int = Field(5, ge=1, le=1000, description="rotated files kept (path.1 ...)")
+    include_state: bool = Field(False, description="also write per-window state messages")
 
 
 class MqttTlsConfig(_Strict):
@@ -207,26 +272,30 @@ class MqttTlsConfig(_Strict):
         return self
 
 
-class MqttOutboxConfig(_Strict):
+class OutboxConfig(_Strict):
+    """Where the MQTT and IoT Hub sinks keep events until they are acknowledged."""
+
     path: Path | None = Field(
         None, description="SQLite file; null = <state_dir>/outbox-<sink name>.sqlite3"
     )
-    max_events: int = Field(10_000, ge=1, description="bound on waiting events")
-    max_bytes: int = Field(50_000_000, ge=1024, description="bound on their total size")
+    max_events: int = Field(10_000, ge=1, le=10_000_000, description="bound on waiting events")
+    max_bytes: int = Field(
+        50_000_000, ge=1024, le=100_000_000_000, description="bound on their total size"
+    )
     max_age_s: float = Field(
-        604_800.0, gt=0, description="events waiting longer are dropped (7 days)"
+        604_800.0, gt=0, le=31_536_000, description="events waiting longer are dropped (7 days)"
     )
     overflow: Literal["drop_oldest", "reject_new"] = Field(
         "drop_oldest", description="what a full outbox drops; drops are counted and logged"
     )
 
 
-class MqttReconnectConfig(_Strict):
+class ReconnectConfig(_Strict):
     min_delay_s: float = Field(1.0, gt=0, le=3600, description="first reconnect delay")
     max_delay_s: float = Field(60.0, gt=0, le=3600, description="the delay doubles up to this")
 
     @model_validator(mode="after")
-    def _min_le_max(self) -> MqttReconnectConfig:
+    def _min_le_max(self) -> ReconnectConfig:
         if self.min_delay_s > self.max_delay_s:
             raise ValueError(
                 f"min_delay_s ({self.min_delay_s}) must not exceed max_delay_s ({self.max_delay_s})"
@@ -270,13 +339,13 @@ class MqttSinkConfig(_Strict):
     )
     include_state: bool = Field(True, description="publish the latest state (retained)")
     state_min_interval_s: float = Field(
-        5.0, ge=0, description="state rate limit; a class change is published at once"
+        5.0, ge=0, le=3600, description="state rate limit; a class change is published at once"
     )
-    health_interval_s: float = Field(30.0, gt=0, description="retained health every N s")
+    health_interval_s: float = Field(30.0, gt=0, le=86_400, description="retained health every N s")
     max_inflight: int = Field(20, ge=1, le=1000, description="events awaiting PUBACK at once")
     connect_timeout_s: float = Field(10.0, gt=0, le=120)
-    outbox: MqttOutboxConfig = MqttOutboxConfig()
-    reconnect: MqttReconnectConfig = MqttReconnectConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    reconnect: ReconnectConfig = ReconnectConfig()
     ha_discovery: HaDiscoveryConfig = HaDiscoveryConfig()
 
     @field_validator("topic_prefix")
@@ -343,14 +412,14 @@ class IotHubSinkConfig(_Strict):
     )
     include_state: bool = Field(True, description="send the latest state on telemetry_output")
     state_min_interval_s: float = Field(
-        60.0, ge=0, description="state rate limit; a class change is sent at once"
+        60.0, ge=0, le=3600, description="state rate limit; a class change is sent at once"
     )
     twin: bool = Field(True, description="apply desired properties live; report the config")
     methods: bool = Field(True, description="answer getStatus, setThresholds and getRecentEvents")
     keepalive_s: int = Field(60, ge=5, le=1740)
     connect_timeout_s: float = Field(30.0, gt=0, le=300)
-    outbox: MqttOutboxConfig = MqttOutboxConfig()
-    reconnect: MqttReconnectConfig = MqttReconnectConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    reconnect: ReconnectConfig = ReconnectConfig()
 
     def resolved(self, device_id: str, module_id: str, state_dir: Path) -> IotHubSinkConfig:
         """The default outbox path made concrete."""
@@ -392,6 +461,12 @@ def _resolve_sinks(
                 )
             outboxes[path] = sink.name
         out.append(sink)
+    names = [s.name for s in sinks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # health reports each sink under its name
+        raise ValueError(
+            f"sink name(s) {repeated} used more than once; give each sink its own `name`"
+        )
     return tuple(out)
 
 
@@ -412,8 +487,35 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     source: SourceConfig = SimulatorSourceConfig()
     window: WindowConfig = WindowConfig()
-    decision: DecisionConfigModel = DecisionConfigModel()
+    decision: DecisionConfig = DecisionConfig()
     sinks: tuple[SinkConfig, ...] = (ConsoleSinkConfig(),)
+
+    @field_validator("decision")
+    @classmethod
+    def _decision_fits_the_hop(
+        cls, decision: DecisionConfig, info: ValidationInfo
+    ) -> DecisionConfig:
+        window = info.data.get("window")
+        if not isinstance(window, WindowConfig):
+            return decision  # the window's own error is reported
+        problems = []
+        span_s = decision.confirm_n * window.hop_s
+        if span_s > MAX_DECISION_SPAN_S:
+            problems.append(
+                f"confirm_n ({decision.confirm_n}) windows at hop_s {window.hop_s:g} span "
+                f"{span_s:g} s: an anomaly could take that long to confirm and as long to "
+                f"clear; keep confirm_n x hop_s <= {MAX_DECISION_SPAN_S:g} s"
+            )
+        warmup_s = decision.warmup_windows * window.hop_s
+        if warmup_s > MAX_DECISION_SPAN_S:
+            problems.append(
+                f"warmup_windows ({decision.warmup_windows}) at hop_s {window.hop_s:g} mute "
+                f"{warmup_s:g} s after every start and gap; keep warmup_windows x hop_s "
+                f"<= {MAX_DECISION_SPAN_S:g} s"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return decision
 
     @field_validator("sinks")
     @classmethod
@@ -520,15 +622,63 @@ def _merge(data: dict[str, Any], parts: list[str], value: Any) -> None:
     cur[parts[-1]] = _deep_merge(cur.get(parts[-1]), value)
 
 
+# What a running module changes at once; every other key is read at start-up
+# only, and a live patch that changes one is refused (the model sees 10 s
+# windows whatever window_s says later, a source or sink cannot be swapped
+# under a running pipeline).
+LIVE_KEYS: tuple[str, ...] = (
+    "log_level",
+    "window.hop_s",
+    "window.silence_rms_dbfs",
+    "decision",
+)
+RESTART_ONLY = "takes effect at start-up only: change it in the config file and restart"
+
+
+def is_live_key(path: str) -> bool:
+    """Whether a dotted key path (``decision.confirm_k``) can change while running."""
+    return any(path == key or path.startswith(key + ".") for key in LIVE_KEYS)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted paths of every setting that differs (lists compare as a whole)."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))
+    if "source.type" in changed:  # another kind of source: name it once
+        changed = ["source", *(k for k in changed if not k.startswith("source."))]
+    return changed
+
+
+_MISSING = object()
+
+
+def _flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
 def apply_patch(config: Config, patch: Mapping[str, Any], source: str = "<patch>") -> Config:
     """A new Config with ``patch`` deep-merged in; all or nothing.
 
-    Used for live changes (MQTT ``set``, IoT Hub desired properties): the
-    patch is validated as a whole and the old config is untouched on error.
+    For live changes (MQTT ``set``, IoT Hub desired properties, the HTTP API):
+    the patch is validated as a whole, and refused if it changes a setting
+    that is read at start-up only (:data:`LIVE_KEYS` lists what may change).
+    Restating a start-up setting with its current value is not a change. The
+    old config is untouched on error.
     """
     base = config.model_dump(mode="json")
     merged = _deep_merge(base, dict(patch))
-    return validate(merged, source)
+    new = validate(merged, source)
+    frozen = [key for key in changed_keys(config, new) if not is_live_key(key)]
+    if frozen:
+        raise ConfigError(source, [(key, None, RESTART_ONLY) for key in frozen])
+    return new
 
 
 def _deep_merge(base: Any, patch: Any) -> Any:

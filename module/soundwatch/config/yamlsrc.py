@@ -23,6 +23,32 @@ class ConfigSyntaxError(ValueError):
     """The YAML itself is malformed."""
 
 
+class ConfigLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
+    """``yaml.SafeLoader`` with YAML 1.2's booleans: only ``true``/``false``.
+
+    YAML 1.1 also reads ``on``/``off``/``yes``/``no`` as booleans, which turns
+    the documented thresholds ``{on: 0.7, off: 0.5}`` into ``{True: 0.7,
+    False: 0.5}``. Here those words stay strings; where the schema wants a
+    boolean, pydantic still accepts ``yes``/``on``.
+    """
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml_value(text: str) -> Any:
+    """One YAML document parsed like the config file is (for env values and tests)."""
+    # ConfigLoader is a SafeLoader: no Python tags.
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 @dataclass(frozen=True)
 class Located:
     """Parsed data plus a map from key paths to 1-based line numbers."""
@@ -34,7 +60,7 @@ class Located:
 def parse_yaml(text: str, source: str) -> Located:
     """Parse YAML into plain data, recording the line of every key and item."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=ConfigLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -43,7 +69,7 @@ def parse_yaml(text: str, source: str) -> Located:
         return Located({}, {})
     lines: dict[tuple[str | int, ...], int] = {}
     _walk(node, (), lines)
-    data = yaml.safe_load(text)
+    data = load_yaml_value(text)
     return Located(data, lines)
 
 
@@ -95,7 +121,7 @@ def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str] | None = No
     """Apply ``SOUNDWATCH__SECTION__KEY=value`` overrides; returns the paths set.
 
     Values are parsed as YAML scalars/flow values, so ``3``, ``true``,
-    ``[a, b]`` and ``{on: 0.9}`` work. List items are addressed by index
+    ``[a, b]`` and ``{on: 0.9, off: 0.7}`` work. List items are addressed by index
     (``SOUNDWATCH__SINKS__0__PATH``).
     """
     env = os.environ if env is None else env
@@ -106,7 +132,7 @@ def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str] | None = No
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not parts:
             continue
-        value = yaml.safe_load(env[name]) if env[name] != "" else ""
+        value = load_yaml_value(env[name]) if env[name] != "" else ""
         _set_path(data, parts, value, name)
         applied.append(".".join(parts))
     return applied
