@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from soundwatch.config import DecisionConfig
 from soundwatch.decision import (
     AnomalyEnded,
     AnomalyStarted,
-    DecisionConfig,
     DecisionConfigError,
     DecisionOutput,
     DecisionState,
+    ModelClasses,
     WindowResult,
     WindowState,
+    class_thresholds,
 )
 from soundwatch.stream_types import Level
 
@@ -49,26 +53,39 @@ def window(
     )
 
 
-def config(**overrides: object) -> DecisionConfig:
+Setup = tuple[DecisionConfig, ModelClasses]
+
+
+def config(
+    *,
+    class_names: tuple[str, ...] = CLASSES,
+    normal_class: str = "normal",
+    default_on_threshold: float = 0.7,
+    default_off_threshold: float = 0.4,
+    on_threshold: dict[str, float] | None = None,
+    off_threshold: dict[str, float] | None = None,
+    **settings: object,
+) -> Setup:
+    """The decision settings (every fault class's thresholds spelled out) and the classes."""
+    classes = ModelClasses(class_names, normal_class, {})
+    on, off = on_threshold or {}, off_threshold or {}
+    thresholds = {
+        c: {"on": on.get(c, default_on_threshold), "off": off.get(c, default_off_threshold)}
+        for c in (*classes.fault_classes, *on, *off)
+    }
     base: dict[str, object] = dict(
-        class_names=CLASSES,
-        default_on_threshold=0.7,
-        default_off_threshold=0.4,
-        confirm_k=3,
-        confirm_n=5,
-        cooldown_s=0.0,
-        warmup_windows=0,
+        thresholds=thresholds, confirm_k=3, confirm_n=5, cooldown_s=0.0, warmup_windows=0
     )
-    base.update(overrides)
-    return DecisionConfig(**base)  # type: ignore[arg-type]
+    base.update(settings)
+    return DecisionConfig.model_validate(base), classes
 
 
 class Runner:
     """Feeds windows with consecutive indices and collects the outputs."""
 
-    def __init__(self, cfg: DecisionConfig) -> None:
+    def __init__(self, setup: Setup) -> None:
         ids = (f"anomaly-{i}" for i in itertools.count(1))
-        self.state = DecisionState(cfg, new_anomaly_id=lambda: next(ids))
+        self.state = DecisionState(*setup, new_anomaly_id=lambda: next(ids))
         self.index = 0
         self.outputs: list[DecisionOutput] = []
 
@@ -362,7 +379,7 @@ def test_cooldown_survives_reset_but_not_finish() -> None:
 
 
 def test_stream_time_going_backwards_lifts_the_cooldown() -> None:
-    state = DecisionState(config(confirm_k=1, confirm_n=1, cooldown_s=100.0))
+    state = DecisionState(*config(confirm_k=1, confirm_n=1, cooldown_s=100.0))
     state.update(window(50, probs(imbalance=0.9)))
     state.reset()
     out = state.update(window(0, probs(imbalance=0.9)))  # a source restarting its clock
@@ -370,7 +387,7 @@ def test_stream_time_going_backwards_lifts_the_cooldown() -> None:
 
 
 def test_wall_clock_is_optional() -> None:
-    state = DecisionState(config(confirm_k=1, confirm_n=1))
+    state = DecisionState(*config(confirm_k=1, confirm_n=1))
     out = state.update(window(0, probs(imbalance=0.9), wall=False))
     started = out[0]
     assert isinstance(started, AnomalyStarted)
@@ -379,7 +396,7 @@ def test_wall_clock_is_optional() -> None:
 
 
 def test_level_over_an_anomaly_is_aggregated() -> None:
-    state = DecisionState(config(confirm_k=2, confirm_n=2))
+    state = DecisionState(*config(confirm_k=2, confirm_n=2))
     quiet = Level(rms_dbfs=-30.0, peak_dbfs=-20.0, clipping=False, silent=False)
     loud = Level(rms_dbfs=-20.0, peak_dbfs=0.0, clipping=True, silent=False)
     state.update(window(0, probs(imbalance=0.9), quiet))
@@ -394,7 +411,7 @@ def test_level_over_an_anomaly_is_aggregated() -> None:
 
 
 def test_bad_windows_are_refused() -> None:
-    state = DecisionState(config())
+    state = DecisionState(*config())
     with pytest.raises(ValueError, match="3 probabilities for 4 classes"):
         state.update(window(0, (0.5, 0.25, 0.25)))
     with pytest.raises(ValueError, match="not a probability"):
@@ -406,34 +423,49 @@ def test_bad_windows_are_refused() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"off_threshold": {"imbalance": 0.8}}, r"off threshold of 'imbalance' \(0.8\) is above"),
-        ({"confirm_k": 6, "confirm_n": 5}, r"confirm_k \(6\) is larger than confirm_n \(5\)"),
+        ({"off_threshold": {"imbalance": 0.8}}, r"off \(0.8\) must not exceed on \(0.7\)"),
+        ({"confirm_k": 6, "confirm_n": 5}, r"confirm_k \(6\) must not exceed confirm_n \(5\)"),
         ({"on_threshold": {"wobble": 0.5}}, r"unknown class 'wobble'"),
-        ({"on_threshold": {"normal": 0.5}}, r"names the normal class 'normal'"),
-        ({"normal_class": "ok"}, r"normal_class 'ok' is not one of"),
+        ({"on_threshold": {"normal": 0.5}}, r"name the normal class 'normal'"),
+        ({"normal_class": "ok"}, r"normal class 'ok' is not one of"),
         ({"class_names": ("normal",)}, r"at least one fault class"),
         ({"class_names": ("normal", "a", "a")}, r"duplicates"),
-        ({"default_on_threshold": 1.2}, r"must be in \(0, 1\]"),
-        ({"default_off_threshold": 0.0}, r"off threshold of 'imbalance' is 0.0"),
-        ({"confirm_k": 0}, r"confirm_k is 0"),
-        ({"cooldown_s": -1.0}, r"cooldown_s is -1.0"),
-        ({"warmup_windows": -2}, r"warmup_windows is -2"),
+        ({"default_on_threshold": 1.2}, r"less than or equal to 0.99"),
+        ({"default_off_threshold": 0.0}, r"greater than or equal to 0.05"),
+        ({"confirm_k": 0}, r"confirm_k\n.*greater than or equal to 1"),
+        ({"cooldown_s": -1.0}, r"cooldown_s\n.*greater than or equal to 0"),
+        ({"warmup_windows": -2}, r"warmup_windows\n.*greater than or equal to 0"),
     ],
 )
-def test_config_errors_say_what_to_fix(overrides: dict[str, object], message: str) -> None:
-    with pytest.raises(DecisionConfigError, match=message):
-        config(**overrides)
+def test_config_errors_say_what_to_fix(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises((DecisionConfigError, ValidationError), match=message):
+        DecisionState(*config(**overrides))
 
 
 def test_config_reports_every_problem_and_is_immutable() -> None:
-    with pytest.raises(DecisionConfigError) as info:
-        config(confirm_k=9, off_threshold={"clogging": 0.9})
-    assert "confirm_k (9)" in str(info.value) and "'clogging' (0.9)" in str(info.value)
+    with pytest.raises(ValidationError) as info:
+        config(confirm_k=0, cooldown_s=-1.0)
+    assert {e["loc"] for e in info.value.errors()} == {("confirm_k",), ("cooldown_s",)}
     thresholds = {"imbalance": 0.8}
-    cfg = config(on_threshold=thresholds)
-    thresholds["imbalance"] = 0.1
-    assert cfg.on_for("imbalance") == 0.8
-    assert cfg.on_for("clogging") == 0.7
-    assert cfg.fault_classes == CLASSES[1:]
-    with pytest.raises(TypeError):
-        cfg.on_threshold["imbalance"] = 0.2  # type: ignore[index]
+    setup = config(on_threshold=thresholds)
+    state = DecisionState(*setup)
+    thresholds["imbalance"] = 0.1  # the caller's dict was copied
+    assert setup[0].thresholds["imbalance"].on == 0.8
+    assert setup[1].fault_classes == CLASSES[1:]
+    with pytest.raises(ValidationError):
+        setup[0].confirm_k = 1  # type: ignore[misc]
+    # A window at 0.5 does not vote imbalance (on 0.8), whatever happened to the dict.
+    out = state.update(window(0, probs(imbalance=0.5)))
+    assert isinstance(out[-1], WindowState) and out[-1].vote is None
+
+
+def test_thresholds_default_to_the_bundle_with_off_below_on() -> None:
+    classes = ModelClasses(CLASSES, "normal", {"imbalance": 0.9, "clogging": 0.6})
+    custom = DecisionConfig.model_validate({"thresholds": {"clogging": {"on": 0.5, "off": 0.45}}})
+    assert class_thresholds(custom, classes) == {
+        "imbalance": (0.9, 0.7),  # the bundle's on, off 0.2 below
+        "clogging": (0.5, 0.45),  # the config's own
+        "voltage_change": (0.7, 0.5),  # no bundle threshold: 0.7 / 0.5
+    }
+    # One default each: the config's.
+    assert (DecisionConfig().cooldown_s, DecisionConfig().warmup_windows) == (10.0, 0)

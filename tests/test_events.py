@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -16,14 +17,19 @@ import pytest
 
 import soundwatch.events as events_mod
 from soundwatch.bundle import SEED_CLASSES, SEED_MESSAGES, ClassInfo
-from soundwatch.decision import DecisionConfig, DecisionState, WindowResult
+from soundwatch.config import DecisionConfig
+from soundwatch.decision import DecisionState, ModelClasses, WindowResult
 from soundwatch.events import (
+    Event,
     EventFactory,
     EventValidationError,
     SequenceCounter,
+    State,
     iso_utc,
     load_schema,
+    to_wire,
     validate_event,
+    wire_json,
 )
 from soundwatch.stream_types import Level
 
@@ -65,15 +71,16 @@ def factory(sequence: SequenceCounter) -> EventFactory:
 
 def scripted_messages(fac: EventFactory, *, wall: bool = True) -> list[dict[str, Any]]:
     """Two anomalies (one ended by a class change, one by stream end) and their states."""
-    cfg = DecisionConfig(
-        class_names=SEED_CLASSES,
-        confirm_k=2,
-        confirm_n=3,
-        warmup_windows=1,
-        default_on_threshold=0.6,
-        default_off_threshold=0.3,
+    cfg = DecisionConfig.model_validate(
+        {
+            "thresholds": {c: {"on": 0.6, "off": 0.3} for c in SEED_CLASSES[1:]},
+            "confirm_k": 2,
+            "confirm_n": 3,
+            "warmup_windows": 1,
+            "cooldown_s": 30.0,
+        }
     )
-    state = DecisionState(cfg)
+    state = DecisionState(cfg, ModelClasses(SEED_CLASSES))
     script = (
         [probs()] * 3
         + [probs(imbalance=0.9)] * 4
@@ -82,8 +89,8 @@ def scripted_messages(fac: EventFactory, *, wall: bool = True) -> list[dict[str,
     )
     out: list[dict[str, Any]] = []
     for i, p in enumerate(script):
-        out.extend(fac.build(o) for o in state.update(window(i, p, wall=wall)))
-    out.extend(fac.build(o) for o in state.finish())
+        out.extend(to_wire(fac.build(o)) for o in state.update(window(i, p, wall=wall)))
+    out.extend(to_wire(fac.build(o)) for o in state.finish())
     return out
 
 
@@ -115,7 +122,8 @@ def test_schemas_are_valid_draft_2020_12_and_share_their_defs() -> None:
 def test_anomaly_event_fields(tmp_path: Path) -> None:
     started, ended, *_ = anomaly_events(scripted_messages(factory(SequenceCounter(None))))
     assert started["class"] == ended["class"] == "imbalance"
-    assert started["Anomaly"] is True and ended["Anomaly"] is True
+    # The end leaves the machine without an anomaly: never "Anomaly": true (on purpose).
+    assert started["Anomaly"] is True and ended["Anomaly"] is False
     assert started["Message"] == "Component is imbalanced"
     assert list(started["Probabilities"]) == list(SEED_CLASSES)
     assert started["Probabilities"]["imbalance"] == started["probability_mean"]
@@ -243,10 +251,10 @@ def test_counter_keeps_counting_when_it_cannot_persist(
 
 def test_level_floor_and_probability_clamp() -> None:
     fac = factory(SequenceCounter(None))
-    state = DecisionState(DecisionConfig(class_names=SEED_CLASSES, warmup_windows=0))
+    state = DecisionState(DecisionConfig(), ModelClasses(SEED_CLASSES))
     silent = Level(rms_dbfs=-math.inf, peak_dbfs=-math.inf, clipping=False, silent=True)
     w = WindowResult(0, 0.0, 10.0, (1.0000004, 0.0, 0.0, 0.0), silent, None)
-    (msg,) = [fac.build(o) for o in state.update(w)]
+    (msg,) = [to_wire(fac.build(o)) for o in state.update(w)]
     assert msg["level"]["rms_dbfs"] == -200.0
     assert msg["Probabilities"]["normal"] == 1.0
     validate_event(msg)
@@ -296,3 +304,40 @@ def test_factory_from_bundle_and_its_checks() -> None:
         EventFactory("d", "m", "v", ("normal", "x"), {"normal": "ok"}, SequenceCounter(None))
     with pytest.raises(ValueError, match="device_id must not be empty"):
         EventFactory("", "m", "v", SEED_CLASSES, SEED_MESSAGES, SequenceCounter(None))
+
+
+def test_state_says_anomaly_only_for_a_confirmed_anomaly(tmp_path: Path) -> None:
+    """A single window's vote is `vote`; `Anomaly` is the confirmed, active anomaly (on purpose)."""
+    fac = factory(SequenceCounter(None))
+    cfg = DecisionConfig.model_validate({"confirm_k": 2, "confirm_n": 3})
+    state = DecisionState(cfg, ModelClasses(SEED_CLASSES, "normal", {"imbalance": 0.6}))
+    first, second = (
+        [to_wire(fac.build(o)) for o in state.update(window(i, probs(imbalance=0.9)))]
+        for i in range(2)
+    )
+    (vote_only,) = first  # one window voted: no anomaly yet
+    assert vote_only["vote"] == "imbalance" and vote_only["class"] == "imbalance"
+    assert vote_only["active_class"] is None
+    assert vote_only["Anomaly"] is False and vote_only["Message"] == "Component OK"
+    started, confirmed = second
+    assert started["type"] == "anomaly_started"
+    assert confirmed["Anomaly"] is True and confirmed["active_class"] == "imbalance"
+    assert confirmed["Message"] == "Component is imbalanced"
+    for doc in (vote_only, confirmed):
+        validate_event(doc)
+
+
+def test_one_serializer_for_every_sink(tmp_path: Path) -> None:
+    """Typed messages from the factory; their wire bytes are exactly compact JSON of to_wire."""
+    fac = factory(SequenceCounter(None))
+    cfg = DecisionConfig.model_validate({"confirm_k": 1, "confirm_n": 1})
+    state = DecisionState(cfg, ModelClasses(SEED_CLASSES))
+    outputs = [*state.update(window(0, probs(clogging=0.95))), *state.finish()]
+    messages = [fac.build(o) for o in outputs]
+    assert [type(m) for m in messages] == [Event, State, Event]
+    for m in messages:
+        doc = to_wire(m)
+        assert wire_json(m) == json.dumps(doc, separators=(",", ":")).encode()
+        validate_event(m)  # typed messages validate too
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        messages[0].seq = 5  # type: ignore[misc]

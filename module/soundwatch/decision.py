@@ -69,9 +69,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
+from soundwatch.config import DecisionConfig
 from soundwatch.stream_types import Level
+
+if TYPE_CHECKING:
+    from soundwatch.bundle import Bundle
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +87,7 @@ _PROBABILITY_SLACK = 1e-3
 
 
 class DecisionConfigError(ValueError):
-    """The decision configuration is inconsistent; the message lists every problem."""
+    """The decision settings do not fit the model's classes; the message lists every problem."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class WindowResult:
     ``start_s``/``end_s`` are stream times (sample counts / rate since the
     source started). ``captured_at`` is the wall-clock time (``time.time()``)
     of the window's last sample when the source knows it.
-    ``probabilities`` follow :attr:`DecisionConfig.class_names`.
+    ``probabilities`` follow :attr:`ModelClasses.names`.
     """
 
     index: int
@@ -111,109 +115,82 @@ class WindowResult:
         return self.captured_at - (self.end_s - self.start_s)
 
 
-@dataclass(frozen=True)
-class DecisionConfig:
-    """Controls of the decision stage; validated on construction.
+# A fault class without thresholds of its own votes at its bundle threshold
+# (or this, if the bundle has none) and stays present down to `on - 0.2`.
+DEFAULT_ON_THRESHOLD = 0.7
+OFF_BELOW_ON = 0.2
 
-    ``on_threshold``/``off_threshold`` override ``default_on_threshold``/
-    ``default_off_threshold`` per fault class. Every fault class must end up
-    with ``0 < off <= on <= 1``; ``1 <= confirm_k <= confirm_n``.
+
+@dataclass(frozen=True)
+class ModelClasses:
+    """What the decision needs from the model: its classes and their default thresholds.
+
+    ``default_on`` holds the bundle's ``on`` threshold per fault class; a
+    class it lacks uses :data:`DEFAULT_ON_THRESHOLD`.
     """
 
-    class_names: tuple[str, ...]
-    normal_class: str = "normal"
-    on_threshold: Mapping[str, float] = field(default_factory=dict, hash=False)
-    off_threshold: Mapping[str, float] = field(default_factory=dict, hash=False)
-    default_on_threshold: float = 0.7
-    default_off_threshold: float = 0.5
-    confirm_k: int = 3
-    confirm_n: int = 5
-    cooldown_s: float = 30.0
-    warmup_windows: int = 2
-    suppress_when_silent: bool = True
+    names: tuple[str, ...]
+    normal: str = "normal"
+    default_on: Mapping[str, float] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        # Freeze the mappings so a config cannot change under a running state.
-        object.__setattr__(self, "class_names", tuple(self.class_names))
-        object.__setattr__(self, "on_threshold", MappingProxyType(dict(self.on_threshold)))
-        object.__setattr__(self, "off_threshold", MappingProxyType(dict(self.off_threshold)))
-        problems = self._problems()
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "default_on", MappingProxyType(dict(self.default_on)))
+        problems = []
+        if len(set(self.names)) != len(self.names):
+            problems.append(f"class names {list(self.names)} contain duplicates")
+        if self.normal not in self.names:
+            problems.append(f"normal class {self.normal!r} is not one of {list(self.names)}")
+        if not self.fault_classes:
+            problems.append("the model needs at least one fault class besides the normal class")
         if problems:
-            raise DecisionConfigError("invalid decision config: " + "; ".join(problems))
+            raise DecisionConfigError("invalid model classes: " + "; ".join(problems))
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> ModelClasses:
+        """The classes, normal class and thresholds a model bundle declares."""
+        normal = [c.name for c in bundle.classes if not c.anomaly]
+        if len(normal) != 1:
+            raise DecisionConfigError(
+                f"bundle {bundle.name} must have exactly one normal class, has {normal}"
+            )
+        return cls(bundle.class_names, normal[0], dict(bundle.thresholds))
 
     @property
     def fault_classes(self) -> tuple[str, ...]:
         """Every class except the normal one, in model order."""
-        return tuple(c for c in self.class_names if c != self.normal_class)
+        return tuple(c for c in self.names if c != self.normal)
 
-    def on_for(self, class_name: str) -> float:
-        """The on (start) threshold of a fault class."""
-        return float(self.on_threshold.get(class_name, self.default_on_threshold))
 
-    def off_for(self, class_name: str) -> float:
-        """The off (presence) threshold of a fault class."""
-        return float(self.off_threshold.get(class_name, self.default_off_threshold))
+def class_thresholds(
+    config: DecisionConfig, classes: ModelClasses
+) -> dict[str, tuple[float, float]]:
+    """``(on, off)`` per fault class: the config's, else the bundle's ``on`` and ``on - 0.2``.
 
-    def _problems(self) -> list[str]:
-        p: list[str] = []
-        names = self.class_names
-        if len(set(names)) != len(names):
-            p.append(f"class_names {list(names)} contain duplicates")
-        if self.normal_class not in names:
-            p.append(f"normal_class {self.normal_class!r} is not one of class_names {list(names)}")
-        if not self.fault_classes:
-            p.append("class_names need at least one fault class besides the normal class")
-        for label, mapping in (
-            ("on_threshold", self.on_threshold),
-            ("off_threshold", self.off_threshold),
-        ):
-            for name in mapping:
-                if name == self.normal_class:
-                    p.append(
-                        f"{label} names the normal class {name!r}; it never starts an "
-                        "anomaly, remove it"
-                    )
-                elif name not in names:
-                    p.append(
-                        f"{label} names unknown class {name!r}; known: {list(self.fault_classes)}"
-                    )
-        for name in self.fault_classes:
-            on, off = self.on_for(name), self.off_for(name)
-            if not (0.0 < on <= 1.0):
-                p.append(f"on threshold of {name!r} is {on}; it must be in (0, 1]")
-            if not (0.0 < off <= 1.0):
-                p.append(f"off threshold of {name!r} is {off}; it must be in (0, 1]")
-            elif off > on:
-                p.append(
-                    f"off threshold of {name!r} ({off}) is above its on threshold ({on}); "
-                    "hysteresis needs off <= on"
-                )
-        if (
-            isinstance(self.confirm_k, bool)
-            or not isinstance(self.confirm_k, int)
-            or self.confirm_k < 1
-        ):
-            p.append(f"confirm_k is {self.confirm_k!r}; it must be an integer >= 1")
-        if (
-            isinstance(self.confirm_n, bool)
-            or not isinstance(self.confirm_n, int)
-            or self.confirm_n < 1
-        ):
-            p.append(f"confirm_n is {self.confirm_n!r}; it must be an integer >= 1")
-        elif isinstance(self.confirm_k, int) and self.confirm_k > self.confirm_n:
-            p.append(
-                f"confirm_k ({self.confirm_k}) is larger than confirm_n ({self.confirm_n}); "
-                "K of the last N windows needs K <= N"
+    Raises :class:`DecisionConfigError` when the config names a class the
+    model does not have, or the normal class (which never starts an anomaly).
+    """
+    problems = []
+    for name in config.thresholds:
+        if name == classes.normal:
+            problems.append(
+                f"thresholds name the normal class {name!r}; it never starts an anomaly, remove it"
             )
-        if not (math.isfinite(self.cooldown_s) and self.cooldown_s >= 0):
-            p.append(f"cooldown_s is {self.cooldown_s}; it must be a finite number >= 0")
-        if (
-            isinstance(self.warmup_windows, bool)
-            or not isinstance(self.warmup_windows, int)
-            or self.warmup_windows < 0
-        ):
-            p.append(f"warmup_windows is {self.warmup_windows!r}; it must be an integer >= 0")
-        return p
+        elif name not in classes.names:
+            problems.append(
+                f"thresholds name unknown class {name!r}; known: {list(classes.fault_classes)}"
+            )
+    if problems:
+        raise DecisionConfigError("; ".join(problems))
+    out: dict[str, tuple[float, float]] = {}
+    for name in classes.fault_classes:
+        pair = config.thresholds.get(name)
+        if pair is not None:
+            out[name] = (pair.on, pair.off)
+        else:
+            on = float(classes.default_on.get(name, DEFAULT_ON_THRESHOLD))
+            out[name] = (on, max(0.0, round(on - OFF_BELOW_ON, 3)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -349,22 +326,27 @@ class _Active:
 class DecisionState:
     """The decision state machine (semantics in the module docstring).
 
-    ``new_anomaly_id`` makes anomaly ids (default: uuid4 strings); tests may
-    inject a deterministic one.
+    ``config`` is the ``decision`` section of the config as it is;
+    ``classes`` says what the model's outputs are. Raises
+    :class:`DecisionConfigError` if the thresholds name a class the model does
+    not have. ``new_anomaly_id`` makes anomaly ids (default: uuid4 strings);
+    tests may inject a deterministic one.
     """
 
     def __init__(
         self,
         config: DecisionConfig,
+        classes: ModelClasses,
         *,
         new_anomaly_id: Callable[[], str] | None = None,
     ) -> None:
-        self._config = config
+        self._classes = classes
         self._new_id = new_anomaly_id or (lambda: str(uuid.uuid4()))
-        names = config.class_names
+        names = classes.names
         self._names = names
-        self._normal_idx = names.index(config.normal_class)
+        self._normal_idx = names.index(classes.normal)
         self._fault_idx = tuple(i for i, n in enumerate(names) if i != self._normal_idx)
+        self._config = config
         self._set_thresholds(config)
         # class index -> (stream time the end was decided, cooldown end)
         self._cooldowns: dict[int, tuple[float, float]] = {}
@@ -376,32 +358,30 @@ class DecisionState:
         self._clear()
 
     def _set_thresholds(self, config: DecisionConfig) -> None:
-        names = config.class_names
-        self._on = tuple(
-            config.on_for(n) if i != self._normal_idx else math.inf for i, n in enumerate(names)
-        )
-        self._off = tuple(
-            config.off_for(n) if i != self._normal_idx else math.inf for i, n in enumerate(names)
-        )
+        pairs = class_thresholds(config, self._classes)
+        never = (math.inf, math.inf)  # the normal class never votes
+        self._on = tuple(pairs.get(n, never)[0] for n in self._names)
+        self._off = tuple(pairs.get(n, never)[1] for n in self._names)
 
     @property
     def config(self) -> DecisionConfig:
         return self._config
+
+    @property
+    def classes(self) -> ModelClasses:
+        return self._classes
 
     def reconfigure(self, config: DecisionConfig) -> None:
         """Apply new controls live (a config patch), keeping the stream's state.
 
         The active anomaly, the recent windows and cooldowns are kept; the new
         thresholds and K/N apply from the next window. Votes already recorded
-        keep the thresholds they were cast under.
+        keep the thresholds they were cast under. Raises
+        :class:`DecisionConfigError` (and changes nothing) if the thresholds
+        name a class the model does not have.
         """
-        if (config.class_names, config.normal_class) != (
-            self._config.class_names,
-            self._config.normal_class,
-        ):
-            raise DecisionConfigError("reconfigure cannot change the classes")
-        self._config = config
         self._set_thresholds(config)
+        self._config = config
         self._history = deque(self._history, maxlen=config.confirm_n)
 
     @property
@@ -495,7 +475,7 @@ class DecisionState:
         if self._active is None or self._last_window is None:
             return []
         ended = self._end(self._last_window, reason)
-        logger.info("anomaly %s closed on %s", ended.class_name, reason)
+        logger.debug("anomaly %s closed on %s", ended.class_name, reason)
         return [ended]
 
     def _check(self, window: WindowResult) -> None:
@@ -565,7 +545,8 @@ class DecisionState:
         active = _Active(self._new_id(), class_idx, committed, pending)
         self._active = active
         report = AnomalyStarted(**self._report_fields(active, window))
-        logger.info(
+        # DEBUG: the runtime reports each event once (a console sink prints it).
+        logger.debug(
             "anomaly started: %s at window %d (stream %.1f-%.1f s, p_max %.2f)",
             report.class_name,
             window.index,
@@ -581,7 +562,7 @@ class DecisionState:
         report = AnomalyEnded(**self._report_fields(active, window), reason=reason)
         self._cooldowns[active.class_idx] = (window.end_s, window.end_s + self._config.cooldown_s)
         self._active = None
-        logger.info(
+        logger.debug(
             "anomaly ended (%s): %s at window %d (stream %.1f-%.1f s)",
             reason,
             report.class_name,

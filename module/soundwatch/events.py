@@ -1,25 +1,35 @@
-"""JSON messages built from decision outputs, and the sequence counter.
+"""Typed messages from the decision stage to the sinks, their one wire format, and ``seq``.
 
-Two kinds of message leave the module, both plain JSON-ready dicts:
+Two kinds of message leave the module:
 
-* **Anomaly events** (``type`` ``anomaly_started`` / ``anomaly_ended``), schema
+* :class:`Event`: ``anomaly_started`` / ``anomaly_ended``, schema
   ``schemas/event.schema.json``. Each has a unique ``event_id`` (uuid4) and a
   ``seq`` that only increases, across restarts too. The started event's
   ``event_id`` is the decision's ``anomaly_id``, and the ended event repeats
   it as ``started_event_id``; so the pair is linked without the factory
   keeping state, and rebuilding a started event gives the same id (a receiver
-  can de-duplicate on it). ``Anomaly``/``Message``/``Probabilities`` are the
-  seeds' fields and describe the anomaly the event reports, identically on
-  both kinds: ``Probabilities`` is each class's mean over the anomaly's
-  windows (so ``Probabilities[class] == probability_mean``); ``type`` says
-  whether it began or ended.
-* **State messages** (``type`` ``state``), one per window, schema
-  ``schemas/state.schema.json``: the window's own classification in the
-  seeds' fields, the vote, the active anomaly and the level. They carry
-  ``window_index`` but no ``event_id``/``seq``: they are snapshots for
-  dashboards, not events, and keeping them off the counter makes ``seq`` the
-  sequence of anomaly events alone, where a gap means a restart (below), never
-  a state message a sink chose not to keep.
+  can de-duplicate on it). ``Message``/``Probabilities`` are the seeds' fields
+  and describe the anomaly the event reports: ``Probabilities`` is each
+  class's mean over the anomaly's windows (so ``Probabilities[class] ==
+  probability_mean``). ``Anomaly`` says whether the event leaves the machine
+  anomalous: true on ``anomaly_started``, false on ``anomaly_ended``.
+* :class:`State`: one per window, schema ``schemas/state.schema.json``. The
+  window's own verdict is ``class`` (its most probable class),
+  ``Probabilities`` and ``vote`` (the fault class it voted for, if any); the
+  confirmed state is ``active_class``/``anomaly_id`` and the seeds'
+  ``Anomaly``/``Message``, which follow the active anomaly: a single window
+  that looks faulty is a vote, never ``"Anomaly": true``. States carry no
+  ``event_id``/``seq``: they are snapshots for dashboards, not events, and
+  keeping them off the counter makes ``seq`` the sequence of anomaly events
+  alone, where a gap means a restart (below), never a state a sink chose not
+  to keep.
+
+:func:`to_wire` is the only place the wire format is made (key names and
+order, rounding, ISO times); every sink publishes what it returns
+(:func:`wire_json`). A field added later (say a per-unit novelty score) is a
+new optional attribute of :class:`Event`/:class:`State` with a default of
+``None``, one line in :func:`to_wire` that writes it when it is set, and an
+optional property in the schema: no sink changes.
 
 Times: ``stream_*_s`` are stream seconds from sample counts; ``time_start``/
 ``time_end`` are ISO 8601 UTC wall-clock times of the span's first and last
@@ -41,17 +51,20 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, overload
 
 from soundwatch.decision import (
     AnomalyEnded,
     AnomalyReport,
     AnomalyStarted,
     DecisionOutput,
+    EndReason,
     WindowState,
 )
 from soundwatch.stream_types import Level
@@ -196,6 +209,101 @@ def iso_utc(t: float | None) -> str | None:
     return stamp.replace("+00:00", "Z")
 
 
+EventKind = Literal["anomaly_started", "anomaly_ended"]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who reports: the same on every message of one pipeline."""
+
+    device_id: str
+    module_id: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What only an ``anomaly_ended`` event carries."""
+
+    started_event_id: str
+    reason: EndReason
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """An anomaly event (see the module docstring; wire: ``event.schema.json``).
+
+    Times are seconds: ``wall_*`` and ``emitted_at`` are ``time.time()``
+    values (``wall_*`` ``None`` without a wall clock), the rest stream time.
+    ``ending`` is set exactly on ``anomaly_ended`` events.
+    """
+
+    kind: EventKind
+    seq: int
+    event_id: str
+    origin: Origin
+    class_name: str
+    anomaly: bool
+    message: str
+    probabilities: Mapping[str, float]
+    probability_max: float
+    probability_mean: float
+    stream_start_s: float
+    stream_end_s: float
+    decided_stream_s: float
+    wall_start: float | None
+    wall_end: float | None
+    emitted_at: float
+    first_window_index: int
+    last_window_index: int
+    window_count: int
+    level: Level
+    ending: Ending | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "probabilities", MappingProxyType(dict(self.probabilities)))
+        if (self.kind == "anomaly_ended") != (self.ending is not None):
+            raise ValueError(f"{self.kind} event: `ending` is set exactly on anomaly_ended")
+
+
+@dataclass(frozen=True)
+class State:
+    """The state after one window (see the module docstring; wire: ``state.schema.json``).
+
+    ``class_name``/``probabilities``/``vote`` are this window's verdict;
+    ``active_class``/``anomaly_id`` and ``anomaly``/``message`` the confirmed state.
+    """
+
+    origin: Origin
+    window_index: int
+    class_name: str
+    anomaly: bool
+    message: str
+    probabilities: Mapping[str, float]
+    vote: str | None
+    active_class: str | None
+    anomaly_id: str | None
+    warming_up: bool
+    stream_start_s: float
+    stream_end_s: float
+    wall_start: float | None
+    wall_end: float | None
+    emitted_at: float
+    level: Level
+
+    kind: ClassVar[str] = "state"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "probabilities", MappingProxyType(dict(self.probabilities)))
+
+
+Message: TypeAlias = Event | State
+
+
+# --- the wire format ---------------------------------------------------------------
+
+
 def _db(value: float) -> float:
     return (
         round(max(value, LEVEL_FLOOR_DBFS), _DB_DIGITS)
@@ -222,14 +330,97 @@ def _s(value: float) -> float:
     return round(value, _TIME_DIGITS)
 
 
+def _origin(origin: Origin) -> dict[str, Any]:
+    return {
+        "device_id": origin.device_id,
+        "module_id": origin.module_id,
+        "model_version": origin.model_version,
+    }
+
+
+def to_wire(message: Message) -> dict[str, Any]:
+    """The JSON document for a message: the module's one wire format.
+
+    Key names and order, rounding (probabilities 6 digits, clamped to [0, 1];
+    times 6 digits; levels 2 digits with -200 dBFS for silence) and ISO times
+    are made here and nowhere else.
+    """
+    if isinstance(message, State):
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "type": "state",
+            **_origin(message.origin),
+            "window_index": message.window_index,
+            "class": message.class_name,
+            "Anomaly": message.anomaly,
+            "Message": message.message,
+            "Probabilities": {c: _p(p) for c, p in message.probabilities.items()},
+            "vote": message.vote,
+            "active_class": message.active_class,
+            "anomaly_id": message.anomaly_id,
+            "warming_up": message.warming_up,
+            "stream_start_s": _s(message.stream_start_s),
+            "stream_end_s": _s(message.stream_end_s),
+            "time_start": iso_utc(message.wall_start),
+            "time_end": iso_utc(message.wall_end),
+            "emitted_at": iso_utc(message.emitted_at),
+            "level": _level(message.level),
+        }
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "type": message.kind,
+        "seq": message.seq,
+        **_origin(message.origin),
+        "class": message.class_name,
+        "Anomaly": message.anomaly,
+        "Message": message.message,
+        "Probabilities": {c: _p(p) for c, p in message.probabilities.items()},
+        "probability_max": _p(message.probability_max),
+        "probability_mean": _p(message.probability_mean),
+        "stream_start_s": _s(message.stream_start_s),
+        "stream_end_s": _s(message.stream_end_s),
+        "decided_stream_s": _s(message.decided_stream_s),
+        "time_start": iso_utc(message.wall_start),
+        "time_end": iso_utc(message.wall_end),
+        "emitted_at": iso_utc(message.emitted_at),
+        "first_window_index": message.first_window_index,
+        "last_window_index": message.last_window_index,
+        "window_count": message.window_count,
+        "level": _level(message.level),
+        "event_id": message.event_id,
+    }
+    if message.ending is not None:
+        doc["started_event_id"] = message.ending.started_event_id
+        doc["duration_s"] = _s(message.ending.duration_s)
+        doc["reason"] = message.ending.reason
+    return doc
+
+
+def json_bytes(doc: Any) -> bytes:
+    """Compact UTF-8 JSON, as everything the module publishes is written.
+
+    Raises ``ValueError`` for NaN or infinity (not JSON) and ``TypeError``
+    for values JSON has no form for.
+    """
+    text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8")
+
+
+def wire_json(message: Message) -> bytes:
+    """:func:`to_wire` as compact UTF-8 JSON: the payload every sink publishes."""
+    return json_bytes(to_wire(message))
+
+
+# --- building messages from decision outputs -------------------------------------------
+
+
 class EventFactory:
-    """Builds the module's JSON messages from decision outputs.
+    """Builds the module's typed messages from decision outputs.
 
     ``messages`` maps every class to its human message (the seeds'
-    ``Message``); ``Anomaly`` is true for every class but ``normal_class``.
-    ``clock`` gives ``emitted_at`` (default ``time.time``). Building an
-    anomaly event takes a number from ``sequence``; use one factory per
-    pipeline so that ``seq`` follows emission order.
+    ``Message``). ``clock`` gives ``emitted_at`` (default ``time.time``).
+    Building an anomaly event takes a number from ``sequence``; use one
+    factory per pipeline so that ``seq`` follows emission order.
     """
 
     def __init__(
@@ -252,9 +443,7 @@ class EventFactory:
         for label, value in (("device_id", device_id), ("module_id", module_id)):
             if not value:
                 raise ValueError(f"{label} must not be empty")
-        self._device_id = device_id
-        self._module_id = module_id
-        self._model_version = model_version
+        self.origin = Origin(device_id, module_id, model_version)
         self._names = tuple(class_names)
         self._messages = {c: messages[c] for c in self._names}
         self._normal = normal_class
@@ -288,86 +477,71 @@ class EventFactory:
             clock=clock,
         )
 
-    def build(self, output: DecisionOutput) -> dict[str, Any]:
+    @overload
+    def build(self, output: WindowState) -> State: ...
+    @overload
+    def build(self, output: AnomalyStarted | AnomalyEnded) -> Event: ...
+    def build(self, output: DecisionOutput) -> Message:
         """The message for any decision output."""
         if isinstance(output, AnomalyStarted):
-            return self.anomaly_started(output)
+            return self._event("anomaly_started", output, output.anomaly_id, None)
         if isinstance(output, AnomalyEnded):
-            return self.anomaly_ended(output)
-        return self.state(output)
+            ending = Ending(output.anomaly_id, output.reason, output.duration_s)
+            return self._event("anomaly_ended", output, str(uuid.uuid4()), ending)
+        return self._state(output)
 
-    def anomaly_started(self, report: AnomalyStarted) -> dict[str, Any]:
-        """An ``anomaly_started`` event (its ``event_id`` is the anomaly id)."""
-        msg = self._anomaly_common("anomaly_started", report)
-        msg["event_id"] = report.anomaly_id
-        return msg
-
-    def anomaly_ended(self, report: AnomalyEnded) -> dict[str, Any]:
-        """An ``anomaly_ended`` event, linked to its start by ``started_event_id``."""
-        msg = self._anomaly_common("anomaly_ended", report)
-        msg["event_id"] = str(uuid.uuid4())
-        msg["started_event_id"] = report.anomaly_id
-        msg["duration_s"] = _s(report.duration_s)
-        msg["reason"] = report.reason
-        return msg
-
-    def state(self, state: WindowState) -> dict[str, Any]:
-        """A ``state`` message for one window."""
+    def _state(self, state: WindowState) -> State:
         w = state.window
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "type": "state",
-            **self._ids(),
-            "window_index": w.index,
-            "class": state.top_class,
-            "Anomaly": state.top_class != self._normal,
-            "Message": self._messages[state.top_class],
-            "Probabilities": self._probabilities(w.probabilities),
-            "vote": state.vote,
-            "active_class": state.active_class,
-            "anomaly_id": state.anomaly_id,
-            "warming_up": state.warming_up,
-            "stream_start_s": _s(w.start_s),
-            "stream_end_s": _s(w.end_s),
-            "time_start": iso_utc(w.wall_start),
-            "time_end": iso_utc(w.captured_at),
-            "emitted_at": iso_utc(self._clock()),
-            "level": _level(w.level),
-        }
-
-    def _ids(self) -> dict[str, Any]:
-        return {
-            "device_id": self._device_id,
-            "module_id": self._module_id,
-            "model_version": self._model_version,
-        }
+        shown = state.active_class or self._normal
+        return State(
+            origin=self.origin,
+            window_index=w.index,
+            class_name=state.top_class,
+            anomaly=state.active_class is not None,
+            message=self._messages[shown],
+            probabilities=self._probabilities(w.probabilities),
+            vote=state.vote,
+            active_class=state.active_class,
+            anomaly_id=state.anomaly_id,
+            warming_up=state.warming_up,
+            stream_start_s=w.start_s,
+            stream_end_s=w.end_s,
+            wall_start=w.wall_start,
+            wall_end=w.captured_at,
+            emitted_at=self._clock(),
+            level=w.level,
+        )
 
     def _probabilities(self, values: Sequence[float]) -> dict[str, float]:
-        return {c: _p(p) for c, p in zip(self._names, values, strict=True)}
+        return dict(zip(self._names, values, strict=True))
 
-    def _anomaly_common(self, kind: str, r: AnomalyReport) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "type": kind,
-            "seq": self._sequence.next(),
-            **self._ids(),
-            "class": r.class_name,
-            "Anomaly": r.class_name != self._normal,
-            "Message": self._messages[r.class_name],
-            "Probabilities": self._probabilities(r.mean_probabilities),
-            "probability_max": _p(r.probability_max),
-            "probability_mean": _p(r.probability_mean),
-            "stream_start_s": _s(r.stream_start_s),
-            "stream_end_s": _s(r.stream_end_s),
-            "decided_stream_s": _s(r.decided_stream_s),
-            "time_start": iso_utc(r.wall_start),
-            "time_end": iso_utc(r.wall_end),
-            "emitted_at": iso_utc(self._clock()),
-            "first_window_index": r.first_window_index,
-            "last_window_index": r.last_window_index,
-            "window_count": r.window_count,
-            "level": _level(r.level),
-        }
+    def _event(
+        self, kind: EventKind, r: AnomalyReport, event_id: str, ending: Ending | None
+    ) -> Event:
+        return Event(
+            kind=kind,
+            seq=self._sequence.next(),
+            event_id=event_id,
+            origin=self.origin,
+            class_name=r.class_name,
+            # An end leaves the machine as the next state says, never anomalous.
+            anomaly=ending is None and r.class_name != self._normal,
+            message=self._messages[r.class_name],
+            probabilities=self._probabilities(r.mean_probabilities),
+            probability_max=r.probability_max,
+            probability_mean=r.probability_mean,
+            stream_start_s=r.stream_start_s,
+            stream_end_s=r.stream_end_s,
+            decided_stream_s=r.decided_stream_s,
+            wall_start=r.wall_start,
+            wall_end=r.wall_end,
+            emitted_at=self._clock(),
+            first_window_index=r.first_window_index,
+            last_window_index=r.last_window_index,
+            window_count=r.window_count,
+            level=r.level,
+            ending=ending,
+        )
 
 
 SchemaKind = Literal["event", "state"]
@@ -395,14 +569,15 @@ def _validator(kind: SchemaKind) -> Any:
     return cls(load_schema(kind), format_checker=cls.FORMAT_CHECKER)
 
 
-def validate_event(message: Mapping[str, Any]) -> None:
-    """Check a message against its schema (state or event, by its ``type``).
+def validate_event(message: Mapping[str, Any] | Message) -> None:
+    """Check a message (typed, or its wire document) against its schema.
 
     Raises :class:`EventValidationError` naming every violation and where it
     is. For tests and tools; needs ``jsonschema``.
     """
-    kind: SchemaKind = "state" if message.get("type") == "state" else "event"
-    errors = sorted(_validator(kind).iter_errors(message), key=lambda e: list(e.absolute_path))
+    doc = message if isinstance(message, Mapping) else to_wire(message)
+    kind: SchemaKind = "state" if doc.get("type") == "state" else "event"
+    errors = sorted(_validator(kind).iter_errors(doc), key=lambda e: list(e.absolute_path))
     if errors:
         details = "; ".join(
             f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errors
