@@ -124,7 +124,7 @@ def main() -> int:
     config = Config.model_validate(
         {"device_id": "driver", "state_dir": str(state_dir), "sinks": [sink_config]}
     )
-    sink = make_sink(config.sinks[0].model_dump())
+    sink = make_sink(config.sinks[0])
     factory = EventFactory(
         "driver",
         "soundwatch",
@@ -155,7 +155,7 @@ def main() -> int:
                     open_anomaly = None
                 count += 1
                 sink.publish(msg)
-                out.append({"seq": msg["seq"], "event_id": msg["event_id"], "type": msg["type"]})
+                out.append({"seq": msg.seq, "event_id": msg.event_id, "type": msg.kind})
             answer({"enqueued": out})
         elif cmd == "wait_connected":
             deadline = time.monotonic() + float(arg or 10)

@@ -8,12 +8,16 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
+from pydantic import BaseModel
 
 import soundwatch.sinks as sinks_pkg
+from soundwatch.config import ConsoleSinkConfig, JsonlSinkConfig
+from soundwatch.events import Ending, Event, Message, Origin, State, to_wire
 from soundwatch.sinks import (
     Sink,
     SinkConfigError,
@@ -25,21 +29,44 @@ from soundwatch.sinks import (
 )
 from soundwatch.sinks.console import ConsoleSink, format_message
 from soundwatch.sinks.jsonl import JsonlSink
+from soundwatch.stream_types import Level
+
+
+def jsonl(path: Path, **options: Any) -> JsonlSink:
+    """A JSONL sink from its config model; the fsync policy knobs are keyword arguments."""
+    policy = {
+        k: options.pop(k)
+        for k in ("fsync_events", "state_fsync_every", "state_fsync_interval_s", "clock")
+        if k in options
+    }
+    return JsonlSink(JsonlSinkConfig(path=path, **options), **policy)
+
 
 CLASSES = ("normal", "imbalance", "clogging", "voltage_change")
+ORIGIN = Origin("dev1", "soundwatch", "fan@test")
+LOUD = Level(rms_dbfs=-23.4, peak_dbfs=-8.0, clipping=False, silent=False)
 
 
-def event(seq: int, kind: str = "anomaly_started", **extra: Any) -> dict[str, Any]:
-    """A message shaped like EventFactory's (only what the sinks read matters)."""
-    msg: dict[str, Any] = {
-        "schema_version": 1,
-        "type": kind,
-        "event_id": str(uuid.uuid4()),
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def event(seq: int, kind: str = "anomaly_started", **extra: Any) -> Event:
+    """An event as EventFactory builds them (``duration_s``/``reason`` make it an end)."""
+    ending = None
+    if kind == "anomaly_ended":
+        ending = Ending(
+            str(uuid.uuid4()), extra.pop("reason", "cleared"), extra.pop("duration_s", 10.0)
+        )
+    fields: dict[str, Any] = {
+        "kind": kind,
         "seq": seq,
-        "class": "imbalance",
-        "Anomaly": True,
-        "Message": "Component is imbalanced",
-        "Probabilities": {
+        "event_id": str(uuid.uuid4()),
+        "origin": ORIGIN,
+        "class_name": "imbalance",
+        "anomaly": kind == "anomaly_started",
+        "message": "Component is imbalanced",
+        "probabilities": {
             "normal": 0.05,
             "imbalance": 0.93,
             "clogging": 0.01,
@@ -49,24 +76,28 @@ def event(seq: int, kind: str = "anomaly_started", **extra: Any) -> dict[str, An
         "probability_mean": 0.93,
         "stream_start_s": 61.0,
         "stream_end_s": 71.0,
-        "time_start": "2024-05-01T12:00:03.000Z",
-        "time_end": "2024-05-01T12:00:13.000Z",
-        "emitted_at": "2024-05-01T12:00:13.100Z",
-        "level": {"rms_dbfs": -23.4, "peak_dbfs": -8.0, "clipping": False, "silent": False},
+        "decided_stream_s": 71.0,
+        "wall_start": _epoch("2024-05-01T12:00:03.000Z"),
+        "wall_end": _epoch("2024-05-01T12:00:13.000Z"),
+        "emitted_at": _epoch("2024-05-01T12:00:13.100Z"),
+        "first_window_index": 61,
+        "last_window_index": 61,
+        "window_count": 1,
+        "level": LOUD,
+        "ending": ending,
     }
-    msg.update(extra)
-    return msg
+    fields.update(extra)
+    return Event(**fields)
 
 
-def state(index: int, **extra: Any) -> dict[str, Any]:
-    msg: dict[str, Any] = {
-        "schema_version": 1,
-        "type": "state",
+def state(index: int, **extra: Any) -> State:
+    fields: dict[str, Any] = {
+        "origin": ORIGIN,
         "window_index": index,
-        "class": "imbalance",
-        "Anomaly": True,
-        "Message": "Component is imbalanced",
-        "Probabilities": {
+        "class_name": "imbalance",
+        "anomaly": False,
+        "message": "Component OK",
+        "probabilities": {
             "normal": 0.19,
             "imbalance": 0.81,
             "clogging": 0.0,
@@ -78,13 +109,13 @@ def state(index: int, **extra: Any) -> dict[str, Any]:
         "warming_up": False,
         "stream_start_s": float(index),
         "stream_end_s": index + 10.0,
-        "time_start": None,
-        "time_end": None,
-        "emitted_at": "2024-05-01T12:00:04.000Z",
-        "level": {"rms_dbfs": -23.44, "peak_dbfs": -8.0, "clipping": True, "silent": False},
+        "wall_start": None,
+        "wall_end": None,
+        "emitted_at": _epoch("2024-05-01T12:00:04.000Z"),
+        "level": Level(rms_dbfs=-23.44, peak_dbfs=-8.0, clipping=True, silent=False),
     }
-    msg.update(extra)
-    return msg
+    fields.update(extra)
+    return State(**fields)
 
 
 def read_lines(paths: list[Path]) -> list[dict[str, Any]]:
@@ -114,7 +145,7 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_jsonl_rotation_keeps_every_event_exactly_once(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "dir" / "events.jsonl"
-    sink = JsonlSink(path=path, max_bytes=4000, backups=50)
+    sink = jsonl(path, max_bytes=4000, backups=50)
     assert path.exists()  # created with its parents at start-up
     sent = [event(i) for i in range(1, 121)]
     futures = [sink.publish(m) for m in sent]
@@ -126,13 +157,14 @@ def test_jsonl_rotation_keeps_every_event_exactly_once(tmp_path: Path) -> None:
     assert all(p.stat().st_size <= 4000 for p in files)
     # Oldest file last: read back in publishing order.
     got = read_lines(list(reversed(files)))
-    assert [m["event_id"] for m in got] == [m["event_id"] for m in sent]
+    assert [m["event_id"] for m in got] == [m.event_id for m in sent]
+    assert got == [to_wire(m) for m in sent]  # the wire format, unchanged
     assert sink.health()["rotations"] == len(files) - 1
 
 
 def test_jsonl_retention_drops_only_the_oldest_files(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    sink = JsonlSink(path=path, max_bytes=2000, backups=2, fsync_events=False)
+    sink = jsonl(path, max_bytes=2000, backups=2, fsync_events=False)
     sent = [event(i) for i in range(1, 61)]
     for m in sent:
         sink.publish(m).result()
@@ -147,11 +179,11 @@ def test_jsonl_retention_drops_only_the_oldest_files(tmp_path: Path) -> None:
 
 def test_jsonl_appends_across_restarts_and_repairs_a_torn_line(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    with JsonlSink(path=path) as sink:
+    with jsonl(path) as sink:
         sink.publish(event(1)).result()
     with open(path, "ab") as f:
         f.write(b'{"torn": ')  # a crash in the middle of a line
-    with JsonlSink(path=path) as sink:
+    with jsonl(path) as sink:
         sink.publish(event(2)).result()
     lines = path.read_text().splitlines()
     assert len(lines) == 3
@@ -162,8 +194,9 @@ def test_jsonl_appends_across_restarts_and_repairs_a_torn_line(tmp_path: Path) -
 
 def test_jsonl_fsync_policy(tmp_path: Path, fsyncs: list[int]) -> None:
     now = [0.0]
-    sink = JsonlSink(
-        path=tmp_path / "e.jsonl",
+    sink = jsonl(
+        tmp_path / "e.jsonl",
+        include_state=True,
         state_fsync_every=5,
         state_fsync_interval_s=30.0,
         clock=lambda: now[0],
@@ -189,7 +222,7 @@ def test_jsonl_fsync_policy(tmp_path: Path, fsyncs: list[int]) -> None:
 def test_jsonl_flush_returns_true_when_everything_is_on_disk(
     tmp_path: Path, fsyncs: list[int]
 ) -> None:
-    sink = JsonlSink(path=tmp_path / "e.jsonl", state_fsync_every=1000)
+    sink = jsonl(tmp_path / "e.jsonl", include_state=True, state_fsync_every=1000)
     fsyncs.clear()
     sink.publish(state(0)).result()
     assert sink.flush(timeout_s=1.0) is True
@@ -200,7 +233,7 @@ def test_jsonl_flush_returns_true_when_everything_is_on_disk(
 
 
 def test_jsonl_concurrent_publishes(tmp_path: Path) -> None:
-    sink = JsonlSink(path=tmp_path / "e.jsonl", max_bytes=20_000, backups=100, fsync_events=False)
+    sink = jsonl(tmp_path / "e.jsonl", max_bytes=20_000, backups=100, fsync_events=False)
     per_thread, n_threads = 150, 8
     barrier = threading.Barrier(n_threads)
     failures: list[BaseException] = []
@@ -229,14 +262,14 @@ def test_jsonl_concurrent_publishes(tmp_path: Path) -> None:
 def test_jsonl_failures_resolve_the_future_with_a_sink_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    broken = JsonlSink(path=blocker / "events.jsonl")  # its parent is a file
+    broken = jsonl(blocker / "events.jsonl")  # its parent is a file
     assert broken.health()["healthy"] is False
     future = broken.publish(event(1))
     error = future.exception()
     assert isinstance(error, SinkError) and isinstance(error.__cause__, OSError)
     assert broken.health()["failed"] == 2
 
-    sink = JsonlSink(path=tmp_path / "ok.jsonl")
+    sink = jsonl(tmp_path / "ok.jsonl")
     not_json = sink.publish(event(1, probability_max=float("nan")))
     assert isinstance(not_json.exception(), SinkError)
     sink.close()
@@ -246,7 +279,7 @@ def test_jsonl_failures_resolve_the_future_with_a_sink_error(tmp_path: Path) -> 
 
 
 def test_jsonl_can_skip_state(tmp_path: Path) -> None:
-    sink = JsonlSink(path=tmp_path / "e.jsonl", include_state=False)
+    sink = jsonl(tmp_path / "e.jsonl", include_state=False)
     assert sink.publish(state(0)).result() is None
     sink.publish(event(1)).result()
     sink.close()
@@ -255,10 +288,13 @@ def test_jsonl_can_skip_state(tmp_path: Path) -> None:
 
 
 def test_jsonl_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(SinkConfigError, match="backups is 0"):
-        JsonlSink(path=tmp_path / "x", backups=0)
-    with pytest.raises(SinkConfigError, match="max_bytes is 0"):
-        JsonlSink(path=tmp_path / "x", max_bytes=0)
+    """Bad settings are refused by the config model, before a sink exists."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="backups"):
+        JsonlSinkConfig(path=tmp_path / "x", backups=0)
+    with pytest.raises(ValidationError, match="max_bytes"):
+        JsonlSinkConfig(path=tmp_path / "x", max_bytes=0)
 
 
 # -- console ----------------------------------------------------------------
@@ -282,15 +318,12 @@ def test_console_lines() -> None:
     assert format_message(state(62, active_class="imbalance"), utc=True) == (
         "12:00:04  state #62  imbalance 0.81  vote=imbalance  active=imbalance  -23.4 dBFS  CLIP"
     )
-    assert format_message({"type": "hello", "x": 1}, utc=True) == (
-        '--:--:--  hello  {"type": "hello", "x": 1}'
-    )
 
 
 def test_console_sink_writes_events_and_optionally_state(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    sink = make_sink({"type": "console", "utc": True})
+    sink = make_sink(ConsoleSinkConfig())
     assert sink.publish(state(1)).result() is None  # skipped: show_state is off
     assert sink.publish(event(1)).result() is None
     sink.close()
@@ -299,7 +332,7 @@ def test_console_sink_writes_events_and_optionally_state(
     assert isinstance(sink.publish(event(2)).exception(), SinkError)
 
     buffer = io.StringIO()
-    chatty = ConsoleSink(stream=buffer, show_state=True, utc=True)
+    chatty = ConsoleSink(ConsoleSinkConfig(show_state=True), stream=buffer, utc=True)
     chatty.publish(state(5)).result()
     assert buffer.getvalue().startswith("12:00:04  state #5  ")
     health = chatty.health()
@@ -322,10 +355,15 @@ def test_console_sink_lines_do_not_interleave() -> None:
     assert set(lines) == {format_message(event(1), utc=True)}
 
 
-def test_console_reports_a_malformed_message_through_the_future() -> None:
-    sink = ConsoleSink(stream=io.StringIO())
-    future = sink.publish({"type": "anomaly_started"})  # no class, no probabilities
+def test_console_reports_a_failed_write_through_the_future() -> None:
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    sink = ConsoleSink(stream=Broken())
+    future = sink.publish(event(1))
     assert isinstance(future.exception(), SinkError)
+    assert "No space left" in str(future.exception())
     assert sink.health()["healthy"] is False
 
 
@@ -333,32 +371,36 @@ def test_console_reports_a_malformed_message_through_the_future() -> None:
 
 
 def test_make_sink_by_type(tmp_path: Path) -> None:
-    assert {"console", "jsonl"} <= set(available_sink_types())
-    sink = make_sink({"type": "jsonl", "path": str(tmp_path / "e.jsonl"), "max_bytes": 1000})
+    assert {"console", "jsonl", "mqtt", "iothub"} <= set(available_sink_types())
+    sink = make_sink(JsonlSinkConfig(path=tmp_path / "e.jsonl", max_bytes=1024))
     assert isinstance(sink, JsonlSink) and sink.path == tmp_path / "e.jsonl"
     sink.close()
+
+    class Kafka(BaseModel):
+        type: Literal["kafka"] = "kafka"
+
     with pytest.raises(SinkConfigError, match=r"unknown sink type 'kafka'; choose one of"):
-        make_sink({"type": "kafka"})
-    with pytest.raises(SinkConfigError, match=r"accepted options: \[.*'max_bytes'"):
-        make_sink({"type": "jsonl", "path": "x", "max_size": 5})
-    with pytest.raises(SinkConfigError, match="unknown sink type None"):
-        make_sink({"path": "x"})
+        make_sink(Kafka())
 
 
 def test_register_sink_for_a_new_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     # Registrations made here must not leak into other tests.
     monkeypatch.setattr(sinks_pkg, "_registry", dict(sinks_pkg._registry))
 
+    class RecordingConfig(BaseModel):
+        type: Literal["recording"] = "recording"
+        topic: str
+
     class Recording(Sink):
         type_name = "recording"
 
-        def __init__(self, *, topic: str) -> None:
-            super().__init__()
-            self.topic = topic
-            self.got: list[dict[str, Any]] = []
+        def __init__(self, config: RecordingConfig) -> None:
+            super().__init__(name="recording", include_state=False)
+            self.topic = config.topic
+            self.got: list[Message] = []
 
-        def publish(self, message: Any) -> Any:
-            self.got.append(dict(message))
+        def publish(self, message: Message) -> Any:
+            self.got.append(message)
             return resolved()
 
         def flush(self, timeout_s: float | None = None) -> bool:
@@ -368,10 +410,14 @@ def test_register_sink_for_a_new_backend(monkeypatch: pytest.MonkeyPatch) -> Non
             pass
 
     register_sink("recording", Recording)
-    sink = make_sink({"type": "recording", "topic": "t"})
+    sink = make_sink(RecordingConfig(topic="t"))
     assert isinstance(sink, Recording) and sink.topic == "t"
     sink.publish(event(1)).result()
-    assert sink.got[0]["seq"] == 1
+    assert sink.got[0].seq == 1
+
+    class BrokenConfig(BaseModel):
+        type: Literal["broken"] = "broken"
+
     register_sink("broken", "soundwatch.sinks.no_such_module:Nothing")
     with pytest.raises(SinkConfigError, match="needs a package that is not installed"):
-        make_sink({"type": "broken"})
+        make_sink(BrokenConfig())

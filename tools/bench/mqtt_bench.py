@@ -34,11 +34,14 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tools.bench.core import Context, Row, Stat
+
+if TYPE_CHECKING:
+    from soundwatch.events import Event
 
 BLOCK_S = 0.1
 SPEED = 2.0  # blocks arrive at twice real time, so windows come every 125 ms at hop 0.25 s
@@ -115,6 +118,7 @@ def _skipped(note: str) -> list[Row]:
 def _throughput(
     broker: _Broker, workdir: Path, burst: int, reps: int
 ) -> tuple[list[float], list[float]]:
+    from soundwatch.config import MqttSinkConfig
     from soundwatch.sinks.mqtt import MqttSink
 
     rates: list[float] = []
@@ -122,14 +126,15 @@ def _throughput(
     for rep in range(reps):
         prefix = f"bench/{uuid.uuid4().hex[:8]}"
         sub = _Subscriber(broker, f"{prefix}/events")
-        sink = MqttSink(
+        config = MqttSinkConfig(
             host="127.0.0.1",
             port=broker.port,
             topic_prefix=prefix,
+            client_id=f"bench-{uuid.uuid4().hex[:8]}",
             outbox={"path": workdir / f"tp-{rep}.sqlite3"},
             health_interval_s=3600,
-            env={},
         )
+        sink = MqttSink(config, env={})
         try:
             _wait(lambda s=sink: bool(s.health()["connected"]), 10)
             events = [_event(i) for i in range(burst + 20)]
@@ -153,38 +158,33 @@ def _throughput(
     return rates, calls
 
 
-def _event(i: int) -> dict[str, Any]:
+def _event(i: int) -> Event:
     """An anomaly event of the real schema's size (the values do not matter here)."""
-    return {
-        "schema_version": 1,
-        "type": "anomaly_started",
-        "event_id": str(uuid.uuid4()),
-        "seq": i + 1,
-        "device_id": "bench",
-        "module_id": "soundwatch",
-        "model_version": "fan@bench",
-        "class": "imbalance",
-        "Anomaly": True,
-        "Message": "Component is imbalanced",
-        "Probabilities": {
-            "normal": 0.05,
-            "imbalance": 0.91,
-            "clogging": 0.02,
-            "voltage_change": 0.02,
-        },
-        "probability_max": 0.97,
-        "probability_mean": 0.91,
-        "stream_start_s": 100.0 + i,
-        "stream_end_s": 114.0 + i,
-        "decided_stream_s": 114.0 + i,
-        "time_start": "2024-05-01T12:00:03.000Z",
-        "time_end": "2024-05-01T12:00:13.000Z",
-        "emitted_at": "2024-05-01T12:00:13.100Z",
-        "first_window_index": i,
-        "last_window_index": i + 4,
-        "window_count": 5,
-        "level": {"rms_dbfs": -23.4, "peak_dbfs": -8.0, "clipping": False, "silent": False},
-    }
+    from soundwatch.events import Event, Origin
+    from soundwatch.stream_types import Level
+
+    return Event(
+        kind="anomaly_started",
+        seq=i + 1,
+        event_id=str(uuid.uuid4()),
+        origin=Origin("bench", "soundwatch", "fan@bench"),
+        class_name="imbalance",
+        anomaly=True,
+        message="Component is imbalanced",
+        probabilities={"normal": 0.05, "imbalance": 0.91, "clogging": 0.02, "voltage_change": 0.02},
+        probability_max=0.97,
+        probability_mean=0.91,
+        stream_start_s=100.0 + i,
+        stream_end_s=114.0 + i,
+        decided_stream_s=114.0 + i,
+        wall_start=1_714_564_803.0,
+        wall_end=1_714_564_813.0,
+        emitted_at=1_714_564_813.1,
+        first_window_index=i,
+        last_window_index=i + 4,
+        window_count=5,
+        level=Level(rms_dbfs=-23.4, peak_dbfs=-8.0, clipping=False, silent=False),
+    )
 
 
 # -- end-to-end latency ------------------------------------------------------------------

@@ -1,25 +1,31 @@
-"""Sinks: where events and state messages go, chosen by a ``type:`` name.
+"""Sinks: where events and state messages go, chosen by the config's ``type:``.
 
-``make_sink({"type": "jsonl", "path": "/data/events.jsonl"})`` builds a sink
-from (already validated) config; the keys other than ``type`` are the sink
-class's keyword arguments. Backends are registered by dotted path and imported
-only when used, so a heavy client library (paho, azure-iot-device) costs
-nothing unless that sink is configured. Later backends register themselves
-here with :func:`register_sink` or by adding a line to ``_BUILTIN``.
+``make_sink(config.sinks[0])`` builds the sink a validated config model
+names; the model goes into the sink's constructor as it is. Backends are
+registered by dotted path and imported only when used, so a heavy client
+library (paho, azure-iot-device) costs nothing unless that sink is
+configured. A program may add a backend with :func:`register_sink`.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from soundwatch.sinks.base import Sink, SinkConfigError, SinkError, resolved, sink_error
+from soundwatch.sinks.base import (
+    Sink,
+    SinkConfigError,
+    SinkContext,
+    SinkError,
+    resolved,
+    sink_error,
+)
 
 __all__ = [
     "Sink",
     "SinkConfigError",
+    "SinkContext",
     "SinkError",
     "available_sink_types",
     "make_sink",
@@ -28,7 +34,15 @@ __all__ = [
     "sink_error",
 ]
 
-SinkFactory = Callable[..., Sink]
+
+class SinkConfigModel(Protocol):
+    """A sink's config model: the ``config.sinks`` items, or a registered backend's own."""
+
+    @property
+    def type(self) -> str: ...
+
+
+SinkFactory = Callable[[Any], Sink]
 
 _BUILTIN: dict[str, str] = {
     "console": "soundwatch.sinks.console:ConsoleSink",
@@ -42,8 +56,8 @@ _registry: dict[str, str | SinkFactory] = dict(_BUILTIN)
 def register_sink(type_name: str, factory: str | SinkFactory) -> None:
     """Make ``type_name`` available to :func:`make_sink`.
 
-    ``factory`` is a callable taking the config's keyword arguments, or a
-    ``"module:attribute"`` path to one, imported on first use.
+    ``factory`` takes the sink's config model, or is a ``"module:attribute"``
+    path to such a callable, imported on first use.
     """
     _registry[type_name] = factory
 
@@ -68,26 +82,15 @@ def _resolve(type_name: str) -> SinkFactory:
     return factory
 
 
-def make_sink(config: Mapping[str, Any]) -> Sink:
-    """Build the sink that ``config["type"]`` names, with the other keys as options.
+def make_sink(config: SinkConfigModel) -> Sink:
+    """Build the sink that ``config.type`` names from its (validated) config model.
 
-    Raises :class:`SinkConfigError` for an unknown type or options the sink
-    does not take, naming what is accepted.
+    Raises :class:`SinkConfigError` for an unknown type or a backend whose
+    package is missing.
     """
-    options = dict(config)
-    type_name = options.pop("type", None)
-    if not isinstance(type_name, str) or type_name not in _registry:
+    type_name = config.type
+    if type_name not in _registry:
         raise SinkConfigError(
             f"unknown sink type {type_name!r}; choose one of {available_sink_types()}"
         )
-    factory = _resolve(type_name)
-    try:
-        inspect.signature(factory).bind(**options)
-    except TypeError as e:
-        accepted = [
-            name
-            for name, p in inspect.signature(factory).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        ]
-        raise SinkConfigError(f"sink {type_name!r}: {e}; accepted options: {accepted}") from e
-    return factory(**options)
+    return _resolve(type_name)(config)

@@ -1,7 +1,11 @@
 """The sink interface: where messages go, and what "delivered" means.
 
-A sink takes the plain JSON-ready dicts built by :mod:`soundwatch.events`
-(anomaly events and, if it wants them, per-window state messages).
+A sink takes the typed messages built by :mod:`soundwatch.events`
+(:class:`~soundwatch.events.Event` and, if it wants them, per-window
+:class:`~soundwatch.events.State`) and publishes their one wire format
+(:func:`~soundwatch.events.wire_json`). Sinks publish and do nothing else:
+commands reach the module through :mod:`soundwatch.control`, never through a
+sink.
 
 Delivery is reported honestly through a :class:`concurrent.futures.Future`:
 :meth:`Sink.publish` returns at once, and the future resolves (result
@@ -12,19 +16,25 @@ failure the future holds a :class:`SinkError`. ``publish`` itself does not
 raise for delivery problems, so the pipeline thread is never taken down by a
 sink.
 
-A sink may be configured to skip kinds of message (``accepts``); publishing a
-message it skips resolves at once. Events are never dropped silently: a sink
-either stores/delivers them or fails their future.
+A sink may be configured to skip state messages (``include_state``);
+publishing a message it skips resolves at once. Events are never dropped
+silently: a sink either stores/delivers them or fails their future.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+
+from soundwatch.events import Message, Origin, State
+
+logger = logging.getLogger(__name__)
 
 
 class SinkError(Exception):
@@ -36,7 +46,7 @@ class SinkError(Exception):
 
 
 class SinkConfigError(SinkError, ValueError):
-    """A sink was configured with an unknown type or invalid options."""
+    """A sink cannot be built from its configuration (a missing package, a bad file)."""
 
 
 def sink_error(message: str, cause: BaseException) -> SinkError:
@@ -59,37 +69,51 @@ def resolved(error: BaseException | None = None) -> Future[None]:
     return future
 
 
-def is_state(message: Mapping[str, Any]) -> bool:
-    """Whether ``message`` is a per-window state message (not an event)."""
-    return message.get("type") == "state"
+@dataclass(frozen=True)
+class SinkContext:
+    """What a sink may know of the module it publishes for (given through :meth:`Sink.bind`).
+
+    ``health`` returns the module's health report and ``latest_state`` the
+    last per-window state; both may be called from any thread.
+    """
+
+    origin: Origin
+    class_names: tuple[str, ...]
+    health: Callable[[], Mapping[str, Any]]
+    latest_state: Callable[[], State | None]
 
 
 class Sink(ABC):
     """One destination for messages. Implementations must be thread-safe.
 
     Subclasses set :attr:`type_name` (the ``type:`` used in config) and
-    implement :meth:`publish`, :meth:`flush`, :meth:`close` and
-    :meth:`health`. ``close`` must be idempotent; publishing after ``close``
+    implement :meth:`publish`, :meth:`flush` and :meth:`close`; :meth:`health`
+    may add keys. ``close`` must be idempotent; publishing after ``close``
     fails the future with :class:`SinkError`.
     """
 
     type_name: str = "sink"
 
-    def __init__(self, *, name: str | None = None, include_state: bool = False) -> None:
-        self.name = name or self.type_name
+    def __init__(self, *, name: str, include_state: bool) -> None:
+        self.name = name
         self.include_state = include_state
         self._stats_lock = threading.Lock()
         self._published = 0
         self._failed = 0
         self._skipped = 0
         self._last_error: str | None = None
+        self.context: SinkContext | None = None
 
-    def accepts(self, message: Mapping[str, Any]) -> bool:
+    def bind(self, context: SinkContext) -> None:
+        """Learn about the module (identity, health, the latest state), before the first message."""
+        self.context = context
+
+    def accepts(self, message: Message) -> bool:
         """Whether this sink delivers ``message`` (state only if ``include_state``)."""
-        return self.include_state or not is_state(message)
+        return self.include_state or not isinstance(message, State)
 
     @abstractmethod
-    def publish(self, message: Mapping[str, Any]) -> Future[None]:
+    def publish(self, message: Message) -> Future[None]:
         """Queue or deliver one message; the future resolves on acknowledgement."""
 
     @abstractmethod
@@ -131,6 +155,16 @@ class Sink(ABC):
     def _count_skipped(self) -> None:
         with self._stats_lock:
             self._skipped += 1
+
+    def _set_error(self, text: str | None) -> None:
+        with self._stats_lock:
+            self._last_error = text
+
+    def _fail(self, error: SinkError) -> Future[None]:
+        """Count and log a failed message; its future, already failed."""
+        self._count_failed(error)
+        logger.warning("%s", error)
+        return resolved(error)
 
     def __enter__(self) -> Sink:
         return self

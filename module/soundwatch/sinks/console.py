@@ -8,9 +8,9 @@ Lines look like this (wrapped here; each is one line)::
         30.0 s cleared (stream 61.0–91.0 s)
     12:00:04  state #62  imbalance 0.81  vote=imbalance  active=imbalance  -23.4 dBFS  CLIP
 
-State lines only with ``show_state=True``. The time shown is the wall-clock
-time of the message's last sample (``time_end``), or when it was built if the
-source has no wall clock; local time unless ``utc=True``.
+State lines only with ``show_state``. The time shown is the wall-clock time of
+the message's last sample (``time_end``), or when it was built if the source
+has no wall clock; local time unless ``utc=True``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from collections.abc import Mapping
 from concurrent.futures import Future
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import TextIO
 
+from soundwatch.config import ConsoleSinkConfig
+from soundwatch.events import LEVEL_FLOOR_DBFS, Event, Message, State
 from soundwatch.sinks.base import Sink, SinkError, resolved, sink_error
 
 
@@ -38,19 +39,19 @@ class ConsoleSink(Sink):
 
     def __init__(
         self,
+        config: ConsoleSinkConfig | None = None,
         *,
         stream: TextIO | None = None,
-        show_state: bool = False,
         utc: bool = False,
-        name: str | None = None,
     ) -> None:
-        super().__init__(name=name, include_state=show_state)
+        config = config or ConsoleSinkConfig()
+        super().__init__(name=config.name, include_state=config.show_state)
         self._stream = stream
         self._utc = utc
         self._lock = threading.Lock()
         self._closed = False
 
-    def publish(self, message: Mapping[str, Any]) -> Future[None]:
+    def publish(self, message: Message) -> Future[None]:
         if not self.accepts(message):
             self._count_skipped()
             return resolved()
@@ -67,7 +68,7 @@ class ConsoleSink(Sink):
         except SinkError as e:
             self._count_failed(e)
             return resolved(e)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError) as e:
             error = sink_error(f"{self.name}: cannot write message: {e}", e)
             self._count_failed(error)
             return resolved(error)
@@ -91,58 +92,43 @@ class ConsoleSink(Sink):
             self._closed = True
 
 
-def _clock(message: Mapping[str, Any], utc: bool) -> str:
-    stamp = message.get("time_end") or message.get("emitted_at")
-    if not isinstance(stamp, str):
-        return "--:--:--"
-    try:
-        # fromisoformat() accepts "Z" only from Python 3.11.
-        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return "--:--:--"
-    when = when.astimezone(timezone.utc) if utc else when.astimezone()
-    return when.strftime("%H:%M:%S")
+def _clock(wall_end: float | None, emitted_at: float, utc: bool) -> str:
+    when = datetime.fromtimestamp(wall_end if wall_end is not None else emitted_at, timezone.utc)
+    return (when if utc else when.astimezone()).strftime("%H:%M:%S")
 
 
-def _stream_span(message: Mapping[str, Any]) -> str:
-    return f"(stream {message['stream_start_s']:.1f}–{message['stream_end_s']:.1f} s)"
+def _stream_span(message: Message) -> str:
+    return f"(stream {message.stream_start_s:.1f}–{message.stream_end_s:.1f} s)"
 
 
-def format_message(message: Mapping[str, Any], *, utc: bool = False) -> str:
+def format_message(message: Message, *, utc: bool = False) -> str:
     """The console line for one message (without the newline)."""
-    kind = message.get("type")
-    clock = _clock(message, utc)
-    quoted = json.dumps(message.get("Message", ""), ensure_ascii=False)
-    if kind == "anomaly_started":
-        return (
-            f"{clock}  ANOMALY STARTED  {message['class']}  {quoted}  "
-            f"p_max={message['probability_max']:.2f} p_mean={message['probability_mean']:.2f} "
-            f"{_stream_span(message)}"
-        )
-    if kind == "anomaly_ended":
-        return (
-            f"{clock}  ANOMALY ENDED    {message['class']}  {quoted}  "
-            f"p_max={message['probability_max']:.2f} p_mean={message['probability_mean']:.2f} "
-            f"{message['duration_s']:.1f} s {message['reason']} {_stream_span(message)}"
-        )
-    if kind == "state":
-        cls = message["class"]
-        parts = [
-            f"{clock}  state #{message['window_index']}  {cls} {message['Probabilities'][cls]:.2f}"
-        ]
-        if message.get("vote"):
-            parts.append(f"vote={message['vote']}")
-        if message.get("active_class"):
-            parts.append(f"active={message['active_class']}")
-        level = message.get("level") or {}
-        if "rms_dbfs" in level:
-            parts.append(f"{level['rms_dbfs']:.1f} dBFS")
-        if level.get("clipping"):
+    clock = _clock(message.wall_end, message.emitted_at, utc)
+    quoted = json.dumps(message.message, ensure_ascii=False)
+    if isinstance(message, State):
+        cls = message.class_name
+        parts = [f"{clock}  state #{message.window_index}  {cls} {message.probabilities[cls]:.2f}"]
+        if message.vote:
+            parts.append(f"vote={message.vote}")
+        if message.active_class:
+            parts.append(f"active={message.active_class}")
+        parts.append(f"{max(message.level.rms_dbfs, LEVEL_FLOOR_DBFS):.1f} dBFS")
+        if message.level.clipping:
             parts.append("CLIP")
-        if level.get("silent"):
+        if message.level.silent:
             parts.append("SILENT")
-        if message.get("warming_up"):
+        if message.warming_up:
             parts.append("warm-up")
         return "  ".join(parts)
-    # Anything else (a future message type) is shown as compact JSON.
-    return f"{clock}  {kind}  {json.dumps(message, ensure_ascii=False, sort_keys=True)}"
+    return _event_line(clock, quoted, message)
+
+
+def _event_line(clock: str, quoted: str, event: Event) -> str:
+    head = "ANOMALY STARTED" if event.ending is None else "ANOMALY ENDED  "
+    line = (
+        f"{clock}  {head}  {event.class_name}  {quoted}  "
+        f"p_max={event.probability_max:.2f} p_mean={event.probability_mean:.2f} "
+    )
+    if event.ending is not None:
+        line += f"{event.ending.duration_s:.1f} s {event.ending.reason} "
+    return line + _stream_span(event)

@@ -28,56 +28,47 @@ that a torn line cannot swallow the next one. Thread-safe.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from soundwatch.sinks.base import Sink, SinkConfigError, SinkError, is_state, resolved, sink_error
+from soundwatch.config import JsonlSinkConfig
+from soundwatch.events import Message, State, wire_json
+from soundwatch.sinks.base import Sink, SinkError, resolved, sink_error
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES = 10 * 1024 * 1024
-
 
 class JsonlSink(Sink):
-    """Appends messages to ``path`` (created with its parent directories)."""
+    """Appends messages to ``config.path`` (created with its parent directories).
+
+    ``fsync_events``, ``state_fsync_every`` and ``state_fsync_interval_s`` are
+    the durability policy (module docstring); they are not settings a user
+    needs, so they are not in the config.
+    """
 
     type_name = "jsonl"
 
     def __init__(
         self,
+        config: JsonlSinkConfig,
         *,
-        path: Path | str,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        backups: int = 5,
-        include_state: bool = True,
         fsync_events: bool = True,
         state_fsync_every: int = 100,
         state_fsync_interval_s: float = 10.0,
-        name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        problems = []
-        if max_bytes < 1:
-            problems.append(f"max_bytes is {max_bytes}; it must be >= 1")
-        if backups < 1:
-            problems.append(f"backups is {backups}; keep at least 1 rotated file")
-        if state_fsync_every < 1:
-            problems.append(f"state_fsync_every is {state_fsync_every}; it must be >= 1")
-        if state_fsync_interval_s < 0:
-            problems.append(f"state_fsync_interval_s is {state_fsync_interval_s}; it must be >= 0")
-        if problems:
-            raise SinkConfigError("jsonl sink: " + "; ".join(problems))
-        super().__init__(name=name, include_state=include_state)
-        self.path = Path(path)
-        self._max_bytes = max_bytes
-        self._backups = backups
+        if state_fsync_every < 1 or state_fsync_interval_s < 0:
+            raise ValueError("state_fsync_every must be >= 1 and state_fsync_interval_s >= 0")
+        super().__init__(name=config.name, include_state=config.include_state)
+        self.path = Path(config.path)
+        self._max_bytes = config.max_bytes
+        self._backups = config.backups
         self._fsync_events = fsync_events
         self._state_every = state_fsync_every
         self._state_interval_s = state_fsync_interval_s
@@ -98,16 +89,15 @@ class JsonlSink(Sink):
                 self._count_failed(e)
                 logger.error("%s: cannot open %s: %s", self.name, self.path, e)
 
-    def publish(self, message: Mapping[str, Any]) -> Future[None]:
+    def publish(self, message: Message) -> Future[None]:
         if not self.accepts(message):
             self._count_skipped()
             return resolved()
         try:
-            line = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError) as e:
+            data = wire_json(message) + b"\n"
+        except ValueError as e:
             return self._fail(sink_error(f"{self.name}: message is not JSON: {e}", e))
-        data = line.encode("utf-8") + b"\n"
-        sync_now = self._fsync_events and not is_state(message)
+        sync_now = self._fsync_events and not isinstance(message, State)
         with self._lock:
             if self._closed:
                 return self._fail(SinkError(f"{self.name}: sink is closed"))
@@ -165,11 +155,6 @@ class JsonlSink(Sink):
         return [p for p in names if p.exists()]
 
     # -- internals (called with the lock held) -------------------------------
-
-    def _fail(self, error: SinkError) -> Future[None]:
-        self._count_failed(error)
-        logger.warning("%s", error)
-        return resolved(error)
 
     def _backup(self, i: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{i}")

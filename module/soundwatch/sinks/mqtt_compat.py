@@ -1,4 +1,4 @@
-"""paho-mqtt 1.6.x and 2.x behind one small surface.
+"""paho-mqtt 1.6.x and 2.x behind one small surface, speaking MQTT 5.
 
 paho-mqtt 2.0 versioned its user callbacks (``CallbackAPIVersion``): with
 ``VERSION2``, ``on_connect`` gets a ``ReasonCode`` instead of an int ``rc``,
@@ -10,9 +10,17 @@ azure-iot-device pins paho-mqtt < 2, so soundwatch must run on 1.6.1 as well.
 3.1.1, clean session, no automatic reconnect: the sink reconnects itself so
 that it sees the real error of each attempt) and adapts its callbacks to
 version-neutral ones (:class:`Callbacks`). Everything else the sink calls
-(``publish``, ``subscribe``, ``will_set``, ``tls_set_context``,
-``username_pw_set``, ``connect``, ``loop``, ``socket``, ``disconnect``,
-``max_inflight_messages_set``) has the same signature in both.
+(``publish``, ``will_set``, ``tls_set_context``, ``username_pw_set``,
+``loop``, ``socket``, ``disconnect``, ``max_inflight_messages_set``) has the
+same signature in both; :func:`connect` and :func:`subscribe` wrap the two
+calls whose arguments differ between MQTT versions.
+
+MQTT 5 rather than 3.1.1, for one reason: a subscription with "retain as
+published". In 3.1.1 a broker clears the retain flag of a message it
+forwards on an established subscription, so a retained command looked live
+on first delivery and retained after a reconnect; with MQTT 5 it is
+recognised the same way both times. Sessions stay clean (clean start, no
+session expiry), as with 3.1.1's clean session.
 
 The sink runs ``loop()`` on a thread of its own rather than ``loop_start()``:
 paho 1.6 lets some ``ssl.SSLError``\\ s escape ``loop_start``'s thread, which
@@ -45,7 +53,8 @@ MQTT_ERR_NO_CONN = int(mqtt.MQTT_ERR_NO_CONN)
 class Callbacks:
     """Version-neutral callbacks; all run on paho's network thread and must not block."""
 
-    on_connect: Callable[[bool, str], None]  # (accepted, reason text)
+    # (accepted, reason text, the broker's Receive Maximum if it sent one)
+    on_connect: Callable[[bool, str, int | None], None]
     on_disconnect: Callable[[str], None]  # reason text
     on_publish: Callable[[int], None]  # mid acknowledged (PUBACK/PUBCOMP)
     on_message: Callable[[str, bytes, bool], None]  # topic, payload, retained
@@ -61,8 +70,7 @@ def new_client(client_id: str, callbacks: Callbacks, *, paho_logger: logging.Log
     client_cls = cast(Any, mqtt.Client)
     common: dict[str, Any] = {
         "client_id": client_id,
-        "clean_session": True,
-        "protocol": mqtt.MQTTv311,
+        "protocol": mqtt.MQTTv5,
         "reconnect_on_failure": False,
     }
     if PAHO_MAJOR >= 2:
@@ -90,6 +98,25 @@ def _ignore(*_args: Any) -> None:
     pass
 
 
+def connect(client: Any, host: str, port: int, keepalive_s: int) -> None:
+    """Open the connection with a clean start (no session kept across connections)."""
+    client.connect(host, port, keepalive_s, clean_start=True)
+
+
+def subscribe(client: Any, topic: str, qos: int) -> None:
+    """Subscribe with "retain as published", so a retained message is always seen as such."""
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+
+
+def reason_text(code: Any) -> str:
+    """A disconnect reason: paho's ``MQTT_ERR_*`` int or an MQTT 5 reason code."""
+    if isinstance(code, int):
+        return error_text(code) if code else "disconnected"
+    return str(code)
+
+
 def set_connect_timeout(client: Any, seconds: float) -> None:
     """TCP connect timeout (a property in 2.x, a private attribute in 1.6)."""
     if PAHO_MAJOR >= 2:
@@ -103,11 +130,15 @@ def error_text(rc: int) -> str:
     return str(mqtt.error_string(rc))
 
 
+def _receive_maximum(props: Any) -> int | None:
+    """How many QoS 1/2 messages the broker takes unacknowledged at once, if it says."""
+    value = getattr(props, "ReceiveMaximum", None)
+    return int(value) if isinstance(value, int) else None
+
+
 def _attach_v2(client: Any, cb: Callbacks) -> None:
-    def on_connect(
-        _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any
-    ) -> None:
-        cb.on_connect(not reason_code.is_failure, str(reason_code))
+    def on_connect(_client: Any, _userdata: Any, _flags: Any, reason_code: Any, props: Any) -> None:
+        cb.on_connect(not reason_code.is_failure, str(reason_code), _receive_maximum(props))
 
     def on_disconnect(
         _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any
@@ -127,11 +158,12 @@ def _attach_v2(client: Any, cb: Callbacks) -> None:
 
 
 def _attach_v1(client: Any, cb: Callbacks) -> None:
-    def on_connect(_client: Any, _userdata: Any, _flags: Any, rc: int) -> None:
-        cb.on_connect(rc == 0, str(mqtt.connack_string(rc)))
+    # paho 1.6 with MQTT 5: reason codes are ReasonCodes objects (equal to their ints).
+    def on_connect(_client: Any, _userdata: Any, _flags: Any, rc: Any, props: Any) -> None:
+        cb.on_connect(rc == 0, str(rc), _receive_maximum(props))
 
-    def on_disconnect(_client: Any, _userdata: Any, rc: int) -> None:
-        cb.on_disconnect(error_text(rc) if rc else "disconnected")
+    def on_disconnect(_client: Any, _userdata: Any, rc: Any, _props: Any = None) -> None:
+        cb.on_disconnect(reason_text(rc))
 
     def on_publish(_client: Any, _userdata: Any, mid: int) -> None:
         cb.on_publish(mid)

@@ -1,38 +1,51 @@
-"""What the MQTT and IoT Hub sinks share: events kept in an outbox until acknowledged.
+"""What the MQTT and IoT Hub sinks share: delivery through an outbox, written once.
 
-An event is stored in the :class:`~soundwatch.outbox.Outbox` (SQLite) before
-``publish`` returns, and its future resolves only when the destination has
-acknowledged it; a worker thread of the subclass sends stored rows and calls
-:meth:`OutboxSink._acknowledge_rows`. Events the outbox drops (too old, or
-pushed out by its size limits) fail their futures with a reason. On ``close``
-what is still unacknowledged stays in the outbox for the next process.
+Events: an event is stored in the :class:`~soundwatch.outbox.Outbox` (SQLite)
+before ``publish`` returns, and its future resolves only when the destination
+has acknowledged it (:meth:`OutboxSink._acknowledge_rows`). Events the outbox
+drops (too old, or pushed out by its size limits) fail their futures with a
+reason. On ``close`` what is still unacknowledged stays in the outbox for the
+next process.
 
-State messages are not stored: only the latest one is kept
-(:meth:`OutboxSink._offer_state`), and the subclass sends it at its own pace,
-at once when the class or the active anomaly changes.
+State: only the latest state message is kept (:meth:`OutboxSink._offer_state`)
+and sent at most once per ``state_min_interval_s``, except that a change of
+``class`` or ``active_class`` goes out at once (:meth:`OutboxSink._due_state`).
+
+The worker: one thread per sink runs :meth:`OutboxSink._run`: connect (with
+exponential backoff and jitter between attempts), then repeat the
+subclass's :meth:`~OutboxSink._step` until the connection is lost or the sink
+stops, waiting in between for new work or the next timer; expired events are
+purged while connected and while waiting to reconnect. The subclass supplies
+only its transport: :meth:`~OutboxSink._connect`, :meth:`~OutboxSink._step`,
+:meth:`~OutboxSink._connected_now` and :meth:`~OutboxSink._end_connection`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import random
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
+from soundwatch.config import OutboxConfig, ReconnectConfig
+from soundwatch.events import Event, Message, State, wire_json
 from soundwatch.outbox import Dropped, Outbox, OutboxError, OutboxFull
-from soundwatch.sinks.base import Sink, SinkConfigError, SinkError, is_state, resolved, sink_error
+from soundwatch.sinks.base import Sink, SinkConfigError, SinkError, resolved, sink_error
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
 # How often expired events are purged from the outbox (they fail their futures).
 PURGE_INTERVAL_S = 60.0
+# The worker re-checks its timers at least this often.
+MAX_IDLE_WAIT_S = 1.0
 
 
 def now_iso() -> str:
@@ -40,58 +53,133 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def json_bytes(doc: Any) -> bytes:
-    """Compact UTF-8 JSON; NaN and infinities are refused (ValueError)."""
-    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+class ConnectFailed(Exception):
+    """One connection attempt failed; the text says why (it goes into health and the log)."""
+
+
+class Backoff:
+    """Exponential backoff with ±20 % jitter between ``min_s`` and ``max_s``."""
+
+    def __init__(
+        self, min_s: float, max_s: float, *, rng: Callable[[], float] = random.random
+    ) -> None:
+        if not 0 < min_s <= max_s:
+            raise ValueError(f"need 0 < min_s ({min_s}) <= max_s ({max_s})")
+        self.min_s, self.max_s = min_s, max_s
+        self._rng = rng
+        self._attempt = 0
+
+    def next(self) -> float:
+        base = min(self.max_s, self.min_s * (2.0 ** min(self._attempt, 30)))
+        self._attempt += 1
+        return base * (0.8 + 0.4 * self._rng())
+
+    def reset(self) -> None:
+        self._attempt = 0
 
 
 class OutboxSink(Sink):
-    """Base of the sinks that deliver events through an :class:`Outbox`.
+    """Base of the sinks that deliver events through an :class:`Outbox` (module docstring).
 
     Subclasses set :attr:`destination` (how log lines and errors name the far
-    end), open the outbox with :meth:`_open_outbox` in their constructor, run
-    a worker that sends rows, and call :meth:`_acknowledge_rows`,
-    :meth:`_purge_if_due` and :meth:`_fail_unacknowledged` (in ``close``).
+    end), call :meth:`_start_worker` at the end of their constructor and
+    implement the transport hooks.
     """
 
     destination = "the destination"
 
-    def __init__(self, *, name: str | None = None, include_state: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        include_state: bool,
+        outbox: OutboxConfig,
+        reconnect: ReconnectConfig,
+        state_min_interval_s: float,
+    ) -> None:
         super().__init__(name=name, include_state=include_state)
-        self.outbox: Outbox
-        # Shared between the callers' threads and the subclass's threads.
+        self.state_min_interval_s = state_min_interval_s
+        self._backoff = Backoff(reconnect.min_delay_s, reconnect.max_delay_s)
+        # Shared between the callers' threads and the worker.
         self._lock = threading.Lock()  # guards _futures
         self._futures: dict[int, Future[None]] = {}  # outbox row id -> caller's future
         self._flushed = threading.Condition()  # notified when rows are settled
         self._wake = threading.Event()  # the worker has something to do
+        self._stop = threading.Event()
         self._closed = False
         self._next_purge = 0.0
-        # The latest state message and its "class change" key.
+        self._worker: threading.Thread | None = None
+        # The latest state message, its "class change" key, and what was sent.
         self._state_lock = threading.Lock()
-        self._pending_state: Mapping[str, Any] | None = None
+        self._pending_state: State | None = None
         self._state_urgent = False
-        self._last_state_key: tuple[Any, Any] | None = None
+        self._last_state: State | None = None
+        self._last_state_key: tuple[str, str | None] | None = None
+        self._last_state_sent = -math.inf
+        self._state_sent = 0
+        self._state_failed = 0
         self._state_superseded = 0
+        # Connection history, for health.
+        self._connected = False
+        self._connects = 0
+        self._connect_failures = 0
+        self._disconnects = 0
+        self._connected_since: str | None = None
+        self._last_disconnect: str | None = None
+        self.outbox = self._open_outbox(outbox)
 
-    def _open_outbox(self, options: Mapping[str, Any]) -> None:
-        """Open (and lock) the outbox file; config errors name this sink."""
+    def _open_outbox(self, config: OutboxConfig) -> Outbox:
+        """Open (and lock) the outbox file; errors name this sink."""
         label = f"{self.type_name} sink {self.name!r}"
+        if config.path is None:  # Config fills it in from state_dir
+            raise SinkConfigError(f"{label}: outbox.path is not set; build sinks from a Config")
         try:
-            self.outbox = Outbox(
-                Path(options["path"]),
-                max_events=int(options.get("max_events", 10_000)),
-                max_bytes=int(options.get("max_bytes", 50_000_000)),
-                max_age_s=float(options.get("max_age_s", 7 * 24 * 3600.0)),
-                overflow=options.get("overflow", "drop_oldest"),
+            return Outbox(
+                config.path,
+                max_events=config.max_events,
+                max_bytes=config.max_bytes,
+                max_age_s=config.max_age_s,
+                overflow=config.overflow,
             )
-        except ValueError as e:
-            raise SinkConfigError(f"{label}: {e}") from e
         except OutboxError as e:
             raise SinkError(f"{label}: {e}") from e
 
+    def _start_worker(self) -> None:
+        self._worker = threading.Thread(
+            target=self._run, name=f"{self.type_name}-{self.name}", daemon=True
+        )
+        self._worker.start()
+
+    # -- the transport (subclasses) ------------------------------------------------------
+
+    @abstractmethod
+    def _connect(self) -> None:
+        """Make (or find) a connection; raise :class:`ConnectFailed` saying why not."""
+
+    @abstractmethod
+    def _connected_now(self) -> bool:
+        """Whether the connection is up (the worker serves while it is)."""
+
+    @abstractmethod
+    def _step(self) -> None:
+        """One round of work while connected: events, state, anything else due."""
+
+    def _end_connection(self) -> None:
+        """After a connection ended (lost, or the sink stopping). Default: nothing."""
+
+    def _on_stop(self) -> None:
+        """The sink is stopping while still connected (a last word). Default: nothing."""
+
+    def _interrupt(self) -> None:
+        """Unblock the worker when closing (e.g. cancel a send on a dead link)."""
+
+    def _next_deadline(self) -> float:
+        """The ``time.monotonic()`` of the subclass's next timer, or ``inf``."""
+        return math.inf
+
     # -- Sink API (any thread) ---------------------------------------------------
 
-    def publish(self, message: Mapping[str, Any]) -> Future[None]:
+    def publish(self, message: Message) -> Future[None]:
         """Events: stored in the outbox; the future resolves when the destination acknowledges.
 
         State messages: kept as the latest value; the future resolves at once
@@ -102,22 +190,21 @@ class OutboxSink(Sink):
             return resolved()
         if self._closed:
             return self._fail(SinkError(f"{self.name}: sink is closed"))
-        if is_state(message):
+        if isinstance(message, State):
             self._offer_state(message)
             return resolved()
         try:
-            payload = json_bytes(message)
-        except (TypeError, ValueError) as e:
+            payload = wire_json(message)
+        except ValueError as e:
             return self._fail(sink_error(f"{self.name}: message is not JSON: {e}", e))
-        key = str(message.get("event_id") or uuid.uuid4())
-        return self._store_event(key, payload, message)
+        return self._store_event(message.event_id or str(uuid.uuid4()), payload, message)
 
-    def _store_event(self, key: str, payload: bytes, message: Mapping[str, Any]) -> Future[None]:
+    def _store_event(self, key: str, payload: bytes, event: Event) -> Future[None]:
         """Store one event (subclasses check or annotate it first)."""
         return self._enqueue(key, payload)
 
     def _enqueue(
-        self, key: str, payload: bytes, properties: Mapping[str, str] | None = None
+        self, key: str, payload: bytes, properties: dict[str, str] | None = None
     ) -> Future[None]:
         future: Future[None] = Future()
         with self._lock:
@@ -151,13 +238,141 @@ class OutboxSink(Sink):
                     return False
                 self._flushed.wait(0.5 if left is None else min(left, 0.5))
 
-    def _outbox_health(self) -> dict[str, Any]:
-        try:
-            return self.outbox.stats().to_json()
-        except OutboxError as e:
-            return {"error": str(e)}
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flush (up to ``timeout_s``, default 10 s), then stop the worker. Idempotent.
 
-    # -- for the subclasses' threads ---------------------------------------------
+        Events not acknowledged by then stay in the outbox and are sent by the
+        next process; their futures fail with a :class:`SinkError` saying so.
+        """
+        if self._closed:
+            return
+        if timeout_s is None:  # never wait forever for a destination that may be gone
+            timeout_s = DEFAULT_CLOSE_TIMEOUT_S
+        flushed = self.flush(timeout_s)
+        self._closed = True
+        self._stop.set()
+        self._wake.set()
+        self._interrupt()
+        if self._worker is not None:
+            self._worker.join(self._join_timeout_s())
+            if self._worker.is_alive():
+                logger.warning("%s: worker did not stop in time", self.name)
+        self._fail_unacknowledged(flushed)
+
+    def _join_timeout_s(self) -> float:
+        """How long ``close`` waits for the worker after flushing."""
+        return 5.0
+
+    def health(self) -> dict[str, Any]:
+        info = super().health()
+        try:
+            outbox: dict[str, Any] = self.outbox.stats().to_json()
+        except OutboxError as e:
+            outbox = {"error": str(e)}
+        with self._state_lock:
+            state = {
+                "sent": self._state_sent,
+                "superseded": self._state_superseded,
+                "failed": self._state_failed,
+                "min_interval_s": self.state_min_interval_s,
+            }
+        info.update(
+            healthy=self._connected and not self.outbox.closed,
+            connected=self._connected,
+            connects=self._connects,
+            connect_failures=self._connect_failures,
+            disconnects=self._disconnects,
+            connected_since=self._connected_since,
+            last_disconnect=self._last_disconnect,
+            outbox=outbox,
+            state=state,
+        )
+        return info
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._connect()
+            except ConnectFailed as e:
+                if self._stop.is_set():
+                    break
+                self._connect_failures += 1
+                self._set_error(str(e))
+                delay = self._backoff.next()
+                logger.warning("%s: %s; retrying in %.1f s", self.name, e, delay)
+                self._idle(delay)
+                continue
+            except Exception as e:  # a bug must not kill the worker silently
+                logger.exception("%s: unexpected error while connecting", self.name)
+                self._set_error(f"unexpected: {e}")
+                self._idle(self._backoff.next())
+                continue
+            self._backoff.reset()
+            try:
+                self._serve()
+            except Exception as e:
+                logger.exception("%s: worker error; reconnecting", self.name)
+                self._set_error(f"unexpected: {e}")
+            finally:
+                self._end_connection()
+            if not self._stop.is_set():
+                delay = self._backoff.next()
+                logger.warning(
+                    "%s: connection to %s lost (%s); reconnecting in %.1f s",
+                    self.name,
+                    self.destination,
+                    self._last_disconnect,
+                    delay,
+                )
+                self._idle(delay)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set() and self._connected_now():
+            self._wake.clear()
+            self._step()
+            self._purge_if_due()
+            self._wake.wait(self._next_wait())
+        if self._stop.is_set() and self._connected_now():
+            self._step()
+            self._on_stop()
+
+    def _idle(self, seconds: float) -> None:
+        """Wait while disconnected; expired events are still purged."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(min(left, PURGE_INTERVAL_S))
+            self._purge_if_due()
+
+    def _next_wait(self) -> float:
+        now = time.monotonic()
+        wait = min(MAX_IDLE_WAIT_S, self._next_deadline() - now)
+        with self._state_lock:
+            if self._pending_state is not None:
+                wait = min(wait, self._last_state_sent + self.state_min_interval_s - now)
+        return max(wait, 0.005)
+
+    def _mark_connected(self) -> None:
+        self._connected = True
+        self._connects += 1
+        self._connected_since = now_iso()
+        self._set_error(None)
+
+    def _mark_disconnected(self, reason: str) -> None:
+        if self._connected:
+            self._disconnects += 1
+        self._connected = False
+        self._last_disconnect = reason
+        if not self._stop.is_set():
+            with self._stats_lock:
+                if self._last_error is None:
+                    self._last_error = f"disconnected: {reason}"
+
+    # -- events (worker) -----------------------------------------------------------------
 
     def _acknowledge_rows(self, rows: Iterable[int]) -> None:
         """Mark acknowledged rows delivered and resolve their futures."""
@@ -203,17 +418,6 @@ class OutboxSink(Sink):
         with self._flushed:
             self._flushed.notify_all()
 
-    def _offer_state(self, message: Mapping[str, Any]) -> None:
-        key = (message.get("class"), message.get("active_class"))
-        with self._state_lock:
-            if self._pending_state is not None:
-                self._state_superseded += 1
-            self._pending_state = message
-            urgent = key != self._last_state_key
-            self._state_urgent = self._state_urgent or urgent
-        if urgent:
-            self._wake.set()
-
     def _fail_unacknowledged(self, flushed: bool) -> None:
         """End of ``close``: fail the futures still waiting, say where their events are."""
         with self._lock:
@@ -237,7 +441,49 @@ class OutboxSink(Sink):
                 future.set_exception(error)
         self.outbox.close()
 
-    def _fail(self, error: SinkError) -> Future[None]:
-        self._count_failed(error)
-        logger.warning("%s", error)
-        return resolved(error)
+    # -- state (any thread in, the worker out) -------------------------------------------
+
+    def _offer_state(self, message: State) -> None:
+        key = (message.class_name, message.active_class)
+        with self._state_lock:
+            if self._pending_state is not None:
+                self._state_superseded += 1
+            self._pending_state = message
+            urgent = key != self._last_state_key
+            self._state_urgent = self._state_urgent or urgent
+        if urgent:
+            self._wake.set()
+
+    def _resend_state(self, fallback: State | None) -> None:
+        """After a (re)connect: send the latest state again at once (or ``fallback``)."""
+        with self._state_lock:
+            if self._pending_state is None:
+                latest = self._last_state or fallback
+                if latest is None:
+                    return
+                self._pending_state = latest
+            self._state_urgent = True
+        self._wake.set()
+
+    def _due_state(self) -> State | None:
+        """The state to send now, if the rate limit (or a class change) says so."""
+        now = time.monotonic()
+        with self._state_lock:
+            message = self._pending_state
+            if message is None:
+                return None
+            if not self._state_urgent and now - self._last_state_sent < self.state_min_interval_s:
+                return None
+            self._pending_state = None
+            self._state_urgent = False
+            self._last_state = message
+            self._last_state_key = (message.class_name, message.active_class)
+            self._last_state_sent = now
+        return message
+
+    def _count_state(self, sent: bool) -> None:
+        with self._state_lock:
+            if sent:
+                self._state_sent += 1
+            else:
+                self._state_failed += 1

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from soundwatch.config import FileSourceConfig
 from soundwatch.sources.base import Source, SourceError, wait_until_due
 from soundwatch.stream_types import AudioBlock
 
@@ -28,18 +29,10 @@ logger = logging.getLogger(__name__)
 
 
 class FileSource(Source):
-    """Blocks of ``block_s`` from an audio file at the file's own rate."""
+    """Blocks of ``config.block_s`` from an audio file at the file's own rate."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        loop: bool = False,
-        realtime: bool = False,
-        block_s: float = 0.1,
-    ) -> None:
-        self.path = Path(path)
-        if block_s <= 0:
-            raise ValueError(f"block_s must be positive, got {block_s}")
+    def __init__(self, config: FileSourceConfig) -> None:
+        self.path = Path(config.path)
         try:
             info = sf.info(str(self.path))
         except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as e:
@@ -47,9 +40,9 @@ class FileSource(Source):
         if info.frames <= 0:
             raise SourceError(f"audio file {self.path} has no samples")
         super().__init__(name=f"file:{self.path.name}", sample_rate_hz=int(info.samplerate))
-        self.loop = loop
-        self.realtime = realtime
-        self.block_frames = max(1, round(block_s * self.sample_rate_hz))
+        self.loop = config.loop
+        self.realtime = config.realtime
+        self.block_frames = max(1, round(config.block_s * self.sample_rate_hz))
         self.channels = int(info.channels)
         self.frames = int(info.frames)
         self._update_health(device=str(self.path), device_rate_hz=self.sample_rate_hz)

@@ -53,6 +53,7 @@ from typing import Any, Generic, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
+from soundwatch.config import MicSourceConfig
 from soundwatch.sources.base import Source, SourceError
 from soundwatch.stream_types import AudioBlock
 
@@ -60,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_PREFERRED_RATES_HZ: tuple[int, ...] = (48000, 44100, 22050, 16000)
 DEFAULT_BACKOFF_S: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
 # Below one step of a 16-bit converter (3.05e-5); a live microphone's noise
 # floor is far above this over a few seconds.
@@ -344,7 +344,7 @@ class MicSource(Source):
     ``dtype`` is the capture format: ``int16`` (default: the training data's
     resolution, natively supported by every capture device, half the queue
     memory) or ``float32``; blocks are always float32 in [-1, 1).
-    The device is opened at the first of ``preferred_rates`` it supports
+    The device is opened at the first of ``config.preferred_rates_hz`` it supports
     (probed with ``sounddevice.check_input_settings``); if it supports none,
     at its default rate, with a warning in ``health().detail``. Once the
     device has been opened the rate is fixed for the source's life: a reopened
@@ -354,46 +354,42 @@ class MicSource(Source):
     otherwise it is provisional (the first preferred rate) until the first
     open. Wiring that must not depend on this can take the rate from the first
     block (see :func:`soundwatch.resample.resampled`).
+
+    The settings a user chooses come in ``config`` (validated there); the
+    keyword arguments are the recovery policy (reopen backoff, flat-line
+    level, timeouts) and the capture format, which tests vary.
     """
 
     def __init__(
         self,
-        device: str | int | None = None,
-        block_s: float = 0.1,
+        config: MicSourceConfig | None = None,
+        *,
         channels: int | None = None,
-        preferred_rates: Sequence[int] = DEFAULT_PREFERRED_RATES_HZ,
-        queue_blocks: int = 100,
-        watchdog_s: float = 5.0,
-        flatline_s: float = 10.0,
         backoff_s: Sequence[float] = DEFAULT_BACKOFF_S,
         flatline_ptp: float = DEFAULT_FLATLINE_PTP,
         open_timeout_s: float = 10.0,
         close_timeout_s: float = 2.0,
         dtype: str = "int16",
     ) -> None:
-        if block_s <= 0 or watchdog_s <= 0 or flatline_s <= 0:
-            raise ValueError("block_s, watchdog_s and flatline_s must be positive")
-        if not preferred_rates or any(r <= 0 for r in preferred_rates):
-            raise ValueError(f"preferred_rates must be positive rates, got {preferred_rates!r}")
+        config = config or MicSourceConfig()
         if channels is not None and channels < 1:
             raise ValueError(f"channels must be >= 1 or None, got {channels}")
         if dtype not in _SCALE:
             raise ValueError(f"dtype must be one of {sorted(_SCALE)}, got {dtype!r}")
-        if queue_blocks < 2:
-            raise ValueError(f"queue_blocks must be >= 2, got {queue_blocks}")
         if not backoff_s or any(b < 0 for b in backoff_s):
             raise ValueError(f"backoff_s must be non-negative delays, got {backoff_s!r}")
+        device = config.device
         super().__init__(
             name=f"mic:{device if device is not None else 'default'}",
-            sample_rate_hz=int(preferred_rates[0]),
+            sample_rate_hz=int(config.preferred_rates_hz[0]),
         )
         self.device = device
-        self.block_s = block_s
+        self.block_s = config.block_s
         self.channels = channels
-        self.preferred_rates = tuple(int(r) for r in preferred_rates)
-        self.queue_blocks = queue_blocks
-        self.watchdog_s = watchdog_s
-        self.flatline_s = flatline_s
+        self.preferred_rates_hz = tuple(int(r) for r in config.preferred_rates_hz)
+        self.queue_blocks = config.queue_blocks
+        self.watchdog_s = config.watchdog_s
+        self.flatline_s = config.flatline_s
         self.flatline_ptp = flatline_ptp
         self.backoff_s = tuple(float(b) for b in backoff_s)
         self.open_timeout_s = open_timeout_s
@@ -459,18 +455,18 @@ class MicSource(Source):
             raise SourceError(
                 f"device {info['name']!r} no longer supports {self.sample_rate_hz} Hz"
             )
-        for rate in self.preferred_rates:
+        for rate in self.preferred_rates_hz:
             if supported(rate):
                 return rate, ""
         fallback = int(info["default_samplerate"])
         if fallback > 0 and supported(fallback):
             warning = (
-                f"wrong rate: device supports none of {list(self.preferred_rates)} Hz; "
+                f"wrong rate: device supports none of {list(self.preferred_rates_hz)} Hz; "
                 f"capturing at {fallback} Hz"
             )
             return fallback, warning
         raise SourceError(
-            f"device {info['name']!r} supports none of {list(self.preferred_rates)} Hz "
+            f"device {info['name']!r} supports none of {list(self.preferred_rates_hz)} Hz "
             f"(nor its default {fallback} Hz) with {channels} channel(s)"
         )
 
