@@ -313,9 +313,25 @@ class Mosquitto:
             raise
         return sub
 
-    def publish(self, topic: str, payload: str, *, retain: bool = False, qos: int = 1) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: str,
+        *,
+        retain: bool = False,
+        qos: int = 1,
+        client_id: str | None = None,
+    ) -> None:
+        """Publish with ``mosquitto_pub`` (an empty payload is a zero-length message).
+
+        With ``client_id`` of a connected client, the broker disconnects that
+        client (session takeover): a way to make a module reconnect.
+        """
         argv = [_which("mosquitto_pub") or "mosquitto_pub", *self.client_args("plain")]
-        argv += ["-t", topic, "-m", payload, "-q", str(qos)]
+        argv += ["-t", topic, "-q", str(qos)]
+        argv += ["-m", payload] if payload else ["-n"]
+        if client_id:
+            argv += ["-i", client_id]
         if retain:
             argv.append("-r")
         subprocess.run(argv, check=True, capture_output=True, timeout=10)
@@ -394,18 +410,27 @@ class Subscriber:
         self, predicate: Callable[[list[Received]], bool], timeout_s: float = 10.0
     ) -> list[Received]:
         """Wait until ``predicate(messages)`` holds; the messages, or AssertionError."""
+        if not self.wait_until(predicate, timeout_s):
+            with self._cond:
+                raise AssertionError(
+                    f"timed out after {timeout_s} s; got {len(self._messages)} messages: "
+                    f"{[(m.topic, m.payload) for m in self._messages][-10:]}; "
+                    f"stderr {self._errors[-5:]}"
+                )
+        return self.messages
+
+    def wait_until(
+        self, predicate: Callable[[list[Received]], bool], timeout_s: float = 10.0
+    ) -> bool:
+        """Wait (woken by each message) until ``predicate(messages)`` holds; whether it did."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while not predicate(list(self._messages)):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(
-                        f"timed out after {timeout_s} s; got {len(self._messages)} messages: "
-                        f"{[(m.topic, m.payload) for m in self._messages][-10:]}; "
-                        f"stderr {self._errors[-5:]}"
-                    )
+                    return False
                 self._cond.wait(min(left, 0.2))
-            return list(self._messages)
+            return True
 
     def stop(self) -> None:
         if self._proc.poll() is None:

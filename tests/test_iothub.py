@@ -22,6 +22,7 @@ that venv (the SDK pins paho-mqtt < 2); elsewhere the module is skipped.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import threading
 import time
@@ -30,7 +31,6 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -39,9 +39,11 @@ pytest.importorskip("azure.iot.device")
 
 import paho.mqtt.client as paho
 
-from soundwatch.config import Config, ConfigError, apply_patch, validate
+from soundwatch.channels.iothub import IotHubChannel
+from soundwatch.config import Config, ConfigError, IotHubSinkConfig, apply_patch, validate
+from soundwatch.control import ControlPlane
 from soundwatch.decision import AnomalyEnded, AnomalyStarted
-from soundwatch.events import EventFactory, SequenceCounter
+from soundwatch.events import Event, EventFactory, Origin, SequenceCounter, State, to_wire
 from soundwatch.sinks import make_sink
 from soundwatch.sinks.iothub import (
     MAX_MESSAGE_BYTES,
@@ -49,6 +51,7 @@ from soundwatch.sinks.iothub import (
     message_properties,
     severity,
 )
+from soundwatch.stream_types import Level
 from tests.mosquitto import Certs, Mosquitto, make_certs, tools_available
 from tests.mqtt_driver import CLASSES, MESSAGES, report
 
@@ -191,36 +194,32 @@ def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class FakeRuntime:
-    """The parts of Runtime the sink uses, with the real config validation."""
+    """What the control plane needs of the runtime, with the real config validation."""
 
     def __init__(self, state_dir: Path) -> None:
         self.config = Config(device_id=DEVICE, state_dir=state_dir)
-        self.latest_state: dict[str, Any] | None = None
         self.sources: list[str] = []
-        self.events: list[dict[str, Any]] = []
-        self.bundle = SimpleNamespace(
-            info=lambda: {"name": "fan", "version": "fan@test", "classes": list(CLASSES)}
-        )
-        self.stats = SimpleNamespace(
-            windows=7, events={"anomaly_started:imbalance": 1}, publish_failures={}
-        )
+        self.events: list[Event] = []
 
     def apply_patch(self, patch: Mapping[str, Any], source: str = "<patch>") -> Config:
-        new = apply_patch(self.config, patch, source)
-        if new.sinks != self.config.sinks:
-            raise ConfigError(source, [("sinks", None, "cannot change while running; restart")])
-        self.config = new
+        self.config = apply_patch(self.config, patch, source)
         self.sources.append(source)
-        return new
+        return self.config
 
     def health(self) -> dict[str, Any]:
         return {"healthy": True, "windows": 7}
 
-    def recent_events(self, limit: int = 50, before_seq: int | None = None) -> list[dict[str, Any]]:
+    def recent_events(self, limit: int = 50, before_seq: int | None = None) -> list[Event]:
         items = list(reversed(self.events))
         if before_seq is not None:
-            items = [e for e in items if e["seq"] < before_seq]
+            items = [e for e in items if e.seq < before_seq]
         return items[:limit]
+
+    def model_info(self) -> dict[str, Any]:
+        return {"name": "fan", "version": "fan@test", "classes": list(CLASSES)}
+
+    def counters(self) -> dict[str, Any]:
+        return {"windows": 7, "events": {"anomaly_started:imbalance": 1}}
 
 
 # -- fixtures -------------------------------------------------------------------------
@@ -289,7 +288,7 @@ def make_iothub(edge_env: None, tmp_path: Path) -> Iterator[Callable[..., IotHub
                 ],
             }
         )
-        sink = make_sink(config.sinks[0].model_dump())
+        sink = make_sink(config.sinks[0])
         assert isinstance(sink, IotHubSink)
         made.append(sink)
         return sink
@@ -299,13 +298,32 @@ def make_iothub(edge_env: None, tmp_path: Path) -> Iterator[Callable[..., IotHub
         sink.close(1.0)
 
 
+Commands = Callable[[IotHubSink, FakeRuntime], IotHubChannel]
+
+
+@pytest.fixture
+def commands() -> Iterator[Commands]:
+    """Twin and methods of a sink, through a control plane over a runtime (closed after)."""
+    made: list[tuple[ControlPlane, IotHubChannel]] = []
+
+    def open_(sink: IotHubSink, runtime: FakeRuntime) -> IotHubChannel:
+        control = ControlPlane(runtime).start()
+        made.append((control, IotHubChannel(sink, control)))
+        return made[-1][1]
+
+    yield open_
+    for control, channel in made:
+        channel.close()
+        control.close()
+
+
 def _factory(tmp_path: Path) -> EventFactory:
     return EventFactory(
         DEVICE, MODULE, "fan@test", CLASSES, MESSAGES, SequenceCounter(tmp_path / "seq")
     )
 
 
-def _started(factory: EventFactory, index: int, p_max: float = 0.97) -> dict[str, Any]:
+def _started(factory: EventFactory, index: int, p_max: float = 0.97) -> Event:
     r = {**report(index, str(uuid.uuid4())), "probability_max": p_max}
     return factory.build(AnomalyStarted(**r))
 
@@ -329,8 +347,8 @@ def test_severity_and_properties(tmp_path: Path) -> None:
     ended = f.build(AnomalyEnded(**report(1, str(uuid.uuid4())), reason="cleared"))
     assert message_properties(ended) == {
         "type": "anomaly_ended",
-        "anomaly": "true",
-        "class": ended["class"],
+        "anomaly": "false",  # an end is not an anomaly (on purpose; was "true")
+        "class": ended.class_name,
         "severity": "info",
     }
 
@@ -353,7 +371,7 @@ def test_no_identity_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path
     for name in ("EdgeHubConnectionString", "IOTEDGE_MODULEID", "IOTHUB_CONNECTION_STRING"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SinkConfigError, match="no connection string"):
-        IotHubSink(outbox={"path": tmp_path / "o.sqlite3"})
+        IotHubSink(IotHubSinkConfig(outbox={"path": tmp_path / "o.sqlite3"}))
 
 
 # -- end to end against the fake edgeHub --------------------------------------------------
@@ -372,12 +390,12 @@ def test_events_reach_the_anomalies_output_with_properties(
     hub.wait_for(lambda: len([m for m in hub.messages if m.output == "anomalies"]) >= 2)
     got = [m for m in hub.messages if m.output == "anomalies"]
     assert got[0].topic.startswith(f"devices/{DEVICE}/modules/{MODULE}/messages/events/")
-    assert [m.body["event_id"] for m in got] == [e["event_id"] for e in events]
+    assert [m.body for m in got] == [to_wire(e) for e in events]
     assert got[0].properties["$.ct"] == "application/json"
     assert got[0].properties["$.ce"] == "utf-8"
     assert {k: got[0].properties[k] for k in ("anomaly", "class", "severity", "type")} == {
         "anomaly": "true",
-        "class": events[0]["class"],
+        "class": events[0].class_name,
         "severity": "high",
         "type": "anomaly_started",
     }
@@ -390,14 +408,32 @@ def test_state_goes_to_telemetry_and_oversized_events_are_refused(
     make_iothub: Callable[..., IotHubSink], hub: FakeHub, tmp_path: Path
 ) -> None:
     sink = make_iothub()
-    state = {"type": "state", "class": "imbalance", "Anomaly": True, "active_class": None, "i": 1}
+    state = State(
+        origin=Origin(DEVICE, MODULE, "fan@test"),
+        window_index=1,
+        class_name="imbalance",
+        anomaly=False,
+        message=MESSAGES["normal"],
+        probabilities=dict.fromkeys(CLASSES, 0.25),
+        vote="imbalance",
+        active_class=None,
+        anomaly_id=None,
+        warming_up=False,
+        stream_start_s=1.0,
+        stream_end_s=11.0,
+        wall_start=None,
+        wall_end=None,
+        emitted_at=1_714_564_813.1,
+        level=Level(rms_dbfs=-23.4, peak_dbfs=-8.0, clipping=False, silent=False),
+    )
     assert sink.publish(state).result(1) is None
     hub.wait_for(lambda: any(m.output == "telemetry" for m in hub.messages))
     sent = next(m for m in hub.messages if m.output == "telemetry")
     assert sent.properties["type"] == "state" and sent.properties["severity"] == "info"
-    assert sent.body["i"] == 1
+    assert sent.body == to_wire(state)
 
-    huge = {**_started(_factory(tmp_path), 0), "padding": "x" * MAX_MESSAGE_BYTES}
+    big = _started(_factory(tmp_path), 0)
+    huge = dataclasses.replace(big, message="x" * MAX_MESSAGE_BYTES)
     future = sink.publish(huge)
     with pytest.raises(Exception, match="too_large"):
         future.result(1)
@@ -406,11 +442,14 @@ def test_state_goes_to_telemetry_and_oversized_events_are_refused(
 
 
 def test_twin_is_applied_on_connect_and_patches_change_thresholds_live(
-    make_iothub: Callable[..., IotHubSink], hub: FakeHub, tmp_path: Path
+    make_iothub: Callable[..., IotHubSink],
+    hub: FakeHub,
+    tmp_path: Path,
+    commands: Commands,
 ) -> None:
     runtime = FakeRuntime(tmp_path)
     sink = make_iothub()
-    sink.attach(runtime)  # type: ignore[arg-type]
+    channel = commands(sink, runtime)
     # The full twin, fetched on connect: desired $version 3 applied and reported.
     hub.wait_for(lambda: any(r["soundwatch"]["desired_version"] == 3 for r in hub.reported))
     assert runtime.config.decision.confirm_k == 2
@@ -435,17 +474,20 @@ def test_twin_is_applied_on_connect_and_patches_change_thresholds_live(
     assert rep["status"] == "rejected"
     assert "confirm_k" in json.dumps(rep["error"])
     assert runtime.config.decision.cooldown_s == 10.0  # all or nothing
-    assert sink.health()["twin"]["rejected"] == 1
+    assert channel.health()["twin"]["rejected"] == 1
 
 
 def test_direct_methods(
-    make_iothub: Callable[..., IotHubSink], hub: FakeHub, tmp_path: Path
+    make_iothub: Callable[..., IotHubSink],
+    hub: FakeHub,
+    tmp_path: Path,
+    commands: Commands,
 ) -> None:
     runtime = FakeRuntime(tmp_path)
     f = _factory(tmp_path)
     runtime.events = [_started(f, i) for i in range(5)]
     sink = make_iothub()
-    sink.attach(runtime)  # type: ignore[arg-type]
+    channel = commands(sink, runtime)
     _wait(lambda: sink.health()["connected"], what="connect")
     hub.wait_for(lambda: bool(hub.reported))  # the twin sync is done
 
@@ -470,15 +512,15 @@ def test_direct_methods(
     status, body = hub.call("getRecentEvents", {"limit": 2})
     assert status == 200
     assert [e["seq"] for e in body["events"]] == [
-        runtime.events[4]["seq"],
-        runtime.events[3]["seq"],
+        runtime.events[4].seq,
+        runtime.events[3].seq,
     ]
     status, body = hub.call("getRecentEvents", {"limit": 0})
     assert status == 400 and "limit" in body["error"]
 
     status, body = hub.call("reboot", {})
     assert status == 404 and "getStatus" in body["error"]
-    assert sink.health()["methods"]["errors"] == 4
+    assert channel.health()["methods"]["errors"] == 4
 
 
 def test_reconnect_refetches_the_twin_and_delivers_events_from_the_outbox(
@@ -486,10 +528,11 @@ def test_reconnect_refetches_the_twin_and_delivers_events_from_the_outbox(
     hub: FakeHub,
     broker: EdgeHubBroker,
     tmp_path: Path,
+    commands: Commands,
 ) -> None:
     runtime = FakeRuntime(tmp_path)
     sink = make_iothub()
-    sink.attach(runtime)  # type: ignore[arg-type]
+    commands(sink, runtime)
     hub.wait_for(lambda: hub.twin_gets >= 1 and bool(hub.reported))
     gets = hub.twin_gets
     broker.stop()
@@ -501,7 +544,7 @@ def test_reconnect_refetches_the_twin_and_delivers_events_from_the_outbox(
     assert sink.outbox.depth() == 1
     broker.start()
     assert future.result(30) is None
-    hub.wait_for(lambda: any(m.body.get("event_id") == event["event_id"] for m in hub.messages))
+    hub.wait_for(lambda: any(m.body.get("event_id") == event.event_id for m in hub.messages))
     hub.wait_for(lambda: any(r["soundwatch"]["desired_version"] == 9 for r in hub.reported))
     assert hub.twin_gets > gets
     assert runtime.config.decision.cooldown_s == 3.0

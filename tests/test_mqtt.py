@@ -17,19 +17,30 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from soundwatch.channels.mqtt import RETAINED, MqttChannel
 from soundwatch.cli import _parse_sink
-from soundwatch.config import Config, ConfigError, apply_patch, load_config
+from soundwatch.config import Config, ConfigError, MqttSinkConfig, apply_patch, load_config
+from soundwatch.control import ControlPlane
 from soundwatch.decision import AnomalyEnded, AnomalyStarted
-from soundwatch.events import EventFactory, SequenceCounter, validate_event
+from soundwatch.events import (
+    Event,
+    EventFactory,
+    Origin,
+    SequenceCounter,
+    State,
+    to_wire,
+    validate_event,
+)
 from soundwatch.ha_discovery import discovery_messages, node_id
-from soundwatch.sinks import make_sink
-from soundwatch.sinks.mqtt import Backoff, MqttSink
+from soundwatch.sinks import SinkContext, make_sink
+from soundwatch.sinks.mqtt import MqttSink
 from soundwatch.sinks.mqtt_compat import PAHO_MAJOR, PAHO_VERSION
+from soundwatch.sinks.outbox_sink import Backoff
+from soundwatch.stream_types import Level
 from tests.mosquitto import (
     PASSWORD,
     USER,
@@ -94,7 +105,8 @@ def make_mqtt(broker: Mosquitto, tmp_path: Path, prefix: str) -> Iterator[SinkMa
             "env": {},
         }
         opts.update(options)
-        sink = MqttSink(**opts)
+        env = opts.pop("env")
+        sink = MqttSink(MqttSinkConfig.model_validate(opts), env=env)
         made.append(sink)
         return sink
 
@@ -109,10 +121,10 @@ def _factory(tmp_path: Path) -> EventFactory:
     )
 
 
-def _events(factory: EventFactory, n: int) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def _events(factory: EventFactory, n: int) -> list[Event]:
+    out: list[Event] = []
     for i in range(n):
-        anomaly = str(uuid.uuid4()) if i % 2 == 0 else out[-1]["event_id"]
+        anomaly = str(uuid.uuid4()) if i % 2 == 0 else out[-1].event_id
         if i % 2 == 0:
             out.append(factory.build(AnomalyStarted(**report(i, anomaly))))
         else:
@@ -120,29 +132,25 @@ def _events(factory: EventFactory, n: int) -> list[dict[str, Any]]:
     return out
 
 
-def _state(index: int, cls: str = "normal", active: str | None = None) -> dict[str, Any]:
-    return {
-        "schema_version": 1,
-        "type": "state",
-        "device_id": "dev1",
-        "module_id": "soundwatch",
-        "model_version": "fan@test",
-        "window_index": index,
-        "class": cls,
-        "Anomaly": cls != "normal",
-        "Message": MESSAGES[cls],
-        "Probabilities": {c: (0.91 if c == cls else 0.03) for c in CLASSES},
-        "vote": None,
-        "active_class": active,
-        "anomaly_id": None if active is None else str(uuid.uuid4()),
-        "warming_up": False,
-        "stream_start_s": float(index),
-        "stream_end_s": index + 10.0,
-        "time_start": None,
-        "time_end": None,
-        "emitted_at": "2024-05-01T12:00:13.100Z",
-        "level": {"rms_dbfs": -23.4, "peak_dbfs": -8.0, "clipping": False, "silent": False},
-    }
+def _state(index: int, cls: str = "normal", active: str | None = None) -> State:
+    return State(
+        origin=Origin("dev1", "soundwatch", "fan@test"),
+        window_index=index,
+        class_name=cls,
+        anomaly=active is not None,
+        message=MESSAGES[active or "normal"],
+        probabilities={c: (0.91 if c == cls else 0.03) for c in CLASSES},
+        vote=None,
+        active_class=active,
+        anomaly_id=None if active is None else str(uuid.uuid4()),
+        warming_up=False,
+        stream_start_s=float(index),
+        stream_end_s=index + 10.0,
+        wall_start=None,
+        wall_end=None,
+        emitted_at=1_714_564_813.1,
+        level=Level(rms_dbfs=-23.4, peak_dbfs=-8.0, clipping=False, silent=False),
+    )
 
 
 def _wait(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "") -> None:
@@ -158,23 +166,56 @@ def _payloads(messages: list[Received], topic: str) -> list[Any]:
 
 
 class FakeRuntime:
-    """What MqttSink.attach needs, with the real config patch validation."""
+    """What the control plane and the sink's context need, with the real patch validation."""
 
     def __init__(self) -> None:
         self.config = Config(device_id="dev1")
-        self.bundle = SimpleNamespace(class_names=CLASSES, model_version="fan@test")
-        self.latest_state: dict[str, Any] | None = None
+        self.latest_state: State | None = None
         self.sinks: list[MqttSink] = []
 
     def health(self) -> dict[str, Any]:
         return {"healthy": True, "sinks": {s.name: s.health() for s in self.sinks}}
 
     def apply_patch(self, patch: dict[str, Any], source: str = "<patch>") -> Config:
-        new = apply_patch(self.config, patch, source)
-        if new.sinks != self.config.sinks:
-            raise ConfigError(source, [("sinks", None, "cannot change while running; restart")])
-        self.config = new
-        return new
+        self.config = apply_patch(self.config, patch, source)
+        return self.config
+
+    def recent_events(self, limit: int, before_seq: int | None = None) -> list[Event]:
+        return []
+
+    def model_info(self) -> dict[str, Any]:
+        return {"name": "fan", "version": "test"}
+
+    def counters(self) -> dict[str, Any]:
+        return {"windows": 0}
+
+    def context(self) -> SinkContext:
+        return SinkContext(
+            origin=Origin("dev1", "soundwatch", "fan@test"),
+            class_names=CLASSES,
+            health=self.health,
+            latest_state=lambda: self.latest_state,
+        )
+
+
+def _commands(sink: MqttSink, runtime: FakeRuntime) -> ControlPlane:
+    """The control plane over ``runtime``, taking commands on ``sink``'s topics."""
+    control = ControlPlane(runtime).start()
+    MqttChannel(sink, control)
+    return control
+
+
+def _await_command_topics(broker: Mosquitto, prefix: str) -> None:
+    """Wait until the module answers commands: its subscriptions are granted."""
+    sub = broker.subscribe([f"{prefix}/command/result"])
+    try:
+        deadline = time.monotonic() + 10
+        while not any(m.payload.get("request_id") == "probe" for m in sub.messages):
+            assert time.monotonic() < deadline, "the module never answered a command"
+            broker.publish(f"{prefix}/command", '{"command": "getStatus", "request_id": "probe"}')
+            sub.wait_until(lambda m: bool(m), timeout_s=0.5)
+    finally:
+        sub.stop()
 
 
 # -- events -----------------------------------------------------------------------------
@@ -202,7 +243,8 @@ def test_events_arrive_with_the_documented_schema(
     finally:
         sub.stop()
     payloads = _payloads(got, f"{prefix}/events")
-    assert [p["event_id"] for p in payloads] == [e["event_id"] for e in events]
+    assert [p["event_id"] for p in payloads] == [e.event_id for e in events]
+    assert payloads == [to_wire(e) for e in events]  # the one wire format
     for p in payloads:
         validate_event(p)
     assert [p["type"] for p in payloads[:2]] == ["anomaly_started", "anomaly_ended"]
@@ -225,7 +267,7 @@ def test_tls_with_client_certificate(
         got = sub.wait_for(lambda m: any(x.topic == f"{prefix}/events" for x in m))
     finally:
         sub.stop()
-    assert _payloads(got, f"{prefix}/events") == [event]
+    assert _payloads(got, f"{prefix}/events") == [to_wire(event)]
     assert "online" in _payloads(got, f"{prefix}/status")
     assert sink.health()["tls"] is True
 
@@ -244,8 +286,8 @@ def test_tls_failures_keep_events_in_the_outbox(
     )
     sink = make_mqtt("tls", tls=tls)
     future = sink.publish(_events(_factory(tmp_path), 1)[0])
-    _wait(lambda: sink.health()["last_error"] is not None, what="a connection error")
-    time.sleep(0.3)
+    # Two failed attempts: it retried (with backoff) and failed again, for the same reason.
+    _wait(lambda: sink.health()["connect_failures"] >= 2, what="two failed connections")
     health = sink.health()
     assert not health["connected"] and not health["healthy"]
     assert expected in health["last_error"]
@@ -324,27 +366,23 @@ def test_clean_close_publishes_offline(broker: Mosquitto, prefix: str, tmp_path:
 def test_state_is_rate_limited_retained_and_reaches_late_subscribers(
     broker: Mosquitto, make_mqtt: SinkMaker, prefix: str
 ) -> None:
+    """Counted, not timed: what was sent, what was superseded, in which order."""
     topic = f"{prefix}/state"
     sub = broker.subscribe([topic])
     try:
-        sink = make_mqtt(state_min_interval_s=0.5, health_interval_s=60)
+        # An interval far longer than the test: only a class change can go out again.
+        sink = make_mqtt(state_min_interval_s=30, health_interval_s=60)
         _wait(lambda: sink.health()["connected"], what="connect")
-        t0 = time.monotonic()
         sink.publish(_state(0))  # the first value goes out at once
         sub.wait_for(lambda m: len(_payloads(m, topic)) == 1, timeout_s=5)
         for i in (1, 2):  # same class within the interval: held back, 1 superseded by 2
             assert sink.publish(_state(i)).done()
-        sub.wait_for(lambda m: [p["window_index"] for p in _payloads(m, topic)] == [0, 2])
-        trailing_after = time.monotonic() - t0
         sink.publish(_state(3, "imbalance", active="imbalance"))  # a change: at once
-        t1 = time.monotonic()
-        sub.wait_for(lambda m: len(_payloads(m, topic)) == 3, timeout_s=5)
-        change_after = time.monotonic() - t1
+        got = sub.wait_for(lambda m: len(_payloads(m, topic)) == 2, timeout_s=5)
     finally:
         sub.stop()
-    assert trailing_after >= 0.4, "the rate limit held back window 2"
-    assert change_after < 0.4, "a class change is not rate-limited"
-    assert sink.health()["state"]["superseded"] == 1  # window 1 was never sent
+    assert [p["window_index"] for p in _payloads(got, topic)] == [0, 3]
+    assert sink.health()["state"]["superseded"] == 2  # 1 and 2 were never sent
     late = broker.subscribe([topic])
     try:
         first = late.wait_for(lambda m: len(m) >= 1)[0]
@@ -354,17 +392,39 @@ def test_state_is_rate_limited_retained_and_reaches_late_subscribers(
     validate_event(first.payload)
 
 
+def test_held_back_state_goes_out_when_the_interval_is_over(
+    broker: Mosquitto, make_mqtt: SinkMaker, prefix: str
+) -> None:
+    topic = f"{prefix}/state"
+    sub = broker.subscribe([topic])
+    try:
+        sink = make_mqtt(state_min_interval_s=0.3, health_interval_s=60)
+        _wait(lambda: sink.health()["connected"], what="connect")
+        sink.publish(_state(0))  # at once
+        sub.wait_for(lambda m: len(_payloads(m, topic)) == 1, timeout_s=5)
+        for i in (1, 2):  # held back; only the latest goes out, once the interval is over
+            sink.publish(_state(i))
+        got = sub.wait_for(lambda m: len(_payloads(m, topic)) == 2, timeout_s=5)
+    finally:
+        sub.stop()
+    assert [p["window_index"] for p in _payloads(got, topic)] == [0, 2]
+    assert sink.health()["state"] == {**sink.health()["state"], "sent": 2, "superseded": 1}
+
+
 def test_health_is_retained_and_shows_the_outbox_depth(
     broker: Mosquitto, make_mqtt: SinkMaker, prefix: str
 ) -> None:
     runtime = FakeRuntime()
-    sink = make_mqtt(health_interval_s=0.3, name="uplink")
-    runtime.sinks.append(sink)
-    sink.attach(runtime)
     topic = f"{prefix}/health"
-    _wait(lambda: sink.health()["connected"], what="connect")
-    time.sleep(0.4)  # a health message has been published (and retained) by now
-    sub = broker.subscribe([topic])
+    first_sub = broker.subscribe([topic])
+    try:
+        sink = make_mqtt(health_interval_s=0.3, name="uplink")
+        runtime.sinks.append(sink)
+        sink.bind(runtime.context())
+        first_sub.wait_for(lambda m: bool(_payloads(m, topic)), timeout_s=5)
+    finally:
+        first_sub.stop()
+    sub = broker.subscribe([topic])  # a late subscriber: the retained copy comes first
     try:
         got = sub.wait_for(lambda m: len(_payloads(m, topic)) >= 2, timeout_s=5)
     finally:
@@ -383,7 +443,7 @@ def test_set_command_applies_valid_patches_and_rejects_invalid_ones_whole(
 ) -> None:
     runtime = FakeRuntime()
     sink = make_mqtt(health_interval_s=60)
-    sink.attach(runtime)
+    control = _commands(sink, runtime)
     _wait(lambda: sink.health()["connected"], what="connect")
     results = f"{prefix}/set/result"
     sub = broker.subscribe([results])
@@ -397,13 +457,13 @@ def test_set_command_applies_valid_patches_and_rejects_invalid_ones_whole(
         json.dumps({"request_id": 7, "patch": {"decision": {"enabled": False}}}),
     ]
     try:
-        _wait(lambda: sink.health()["connects"] >= 1)
-        time.sleep(0.2)  # the sink's SUBSCRIBE is granted
+        _await_command_topics(broker, prefix)
         for payload in commands:
             broker.publish(f"{prefix}/set", payload)
         got = sub.wait_for(lambda m: len(m) >= len(commands), timeout_s=10)
     finally:
         sub.stop()
+        control.close()
     answers = _payloads(got, results)
     by_id = {a["request_id"]: a for a in answers if a["request_id"] is not None}
     plain = [a for a in answers if a["request_id"] is None]
@@ -419,25 +479,46 @@ def test_set_command_applies_valid_patches_and_rejects_invalid_ones_whole(
     assert runtime.config.decision.confirm_k == 2
     assert runtime.config.decision.cooldown_s == before.decision.cooldown_s
     assert runtime.config.decision.enabled is False
-    assert sink.health()["commands"] == {"applied": 2, "rejected": 4}
+    counts = control.health()["commands"]["mqtt"]
+    assert (counts["applied"], counts["refused"]) == (2, 4)
 
 
-def test_a_retained_command_is_not_replayed_on_connect(
+def test_a_retained_command_is_refused_the_same_way_whenever_it_arrives(
     broker: Mosquitto, make_mqtt: SinkMaker, prefix: str
 ) -> None:
-    """A retained `set` would re-apply on every reconnect; it is refused instead."""
-    broker.publish(f"{prefix}/set", '{"decision": {"enabled": false}}', retain=True)
-    sub = broker.subscribe([f"{prefix}/set/result"])
+    """A retained `set` would re-apply on every reconnect: it is refused on first delivery
+    (published while connected) and after a reconnect alike; clearing it is no error."""
+    runtime = FakeRuntime()
+    sink = make_mqtt()
+    control = _commands(sink, runtime)
+    results = f"{prefix}/set/result"
+    sub = broker.subscribe([results])
+    retained = '{"request_id": "kept", "patch": {"decision": {"enabled": false}}}'
     try:
-        runtime = FakeRuntime()
-        sink = make_mqtt()
-        sink.attach(runtime)
-        answer = sub.wait_for(lambda m: len(m) >= 1)[0].payload
+        _await_command_topics(broker, prefix)
+        broker.publish(f"{prefix}/set", retained, retain=True)  # live: first delivery
+        first = sub.wait_for(lambda m: len(m) >= 1)[0].payload
+        # Reconnect (another client takes over the module's client id, once): the new
+        # connection's subscription is delivered the retained message again.
+        connects = sink.health()["connects"]
+        broker.publish(f"{prefix}/kick", "x", client_id=sink.client_id)
+        _wait(lambda: sink.health()["connects"] > connects, what="a reconnect")
+        again = sub.wait_for(lambda m: len(m) >= 2)[1].payload
+        # Clearing it (an empty retained message) is not a command: no answer, nothing counted.
+        broker.publish(f"{prefix}/set", "", retain=True)
+        _await_command_topics(broker, prefix)  # the clear was processed before this probe
+        _wait(lambda: control.health()["queued"] == 0, what="the queue to drain")
+        answers = _payloads(sub.messages, results)
     finally:
-        broker.publish(f"{prefix}/set", "", retain=True)  # clears it
+        broker.publish(f"{prefix}/set", "", retain=True)
         sub.stop()
-    assert answer["ok"] is False and "retained" in answer["errors"][0]["message"]
+        control.close()
+    for answer in (first, again):
+        assert answer["ok"] is False and answer["request_id"] is None
+        assert answer["errors"] == [{"key": "(message)", "message": RETAINED}]
+    assert len(answers) == 2, answers
     assert runtime.config.decision.enabled is True
+    assert control.health()["commands"]["mqtt"]["refused"] == 2
 
 
 def test_home_assistant_discovery(broker: Mosquitto, make_mqtt: SinkMaker, prefix: str) -> None:
@@ -446,7 +527,7 @@ def test_home_assistant_discovery(broker: Mosquitto, make_mqtt: SinkMaker, prefi
     sub = broker.subscribe([f"{ha_prefix}/#"])
     try:
         sink = make_mqtt(ha_discovery={"enabled": True, "prefix": ha_prefix})
-        sink.attach(runtime)
+        sink.bind(runtime.context())
         got = sub.wait_for(lambda m: len(m) >= 2 + len(CLASSES), timeout_s=5)
     finally:
         sub.stop()
@@ -474,7 +555,7 @@ def test_home_assistant_discovery(broker: Mosquitto, make_mqtt: SinkMaker, prefi
 def test_discovery_templates_render_against_a_state_message() -> None:
     jinja2 = pytest.importorskip("jinja2")
     env = jinja2.Environment()
-    state = _state(5, "imbalance", active="imbalance")
+    state = to_wire(_state(5, "imbalance", active="imbalance"))
     msgs = discovery_messages(
         device_id="dev1",
         module_id="soundwatch",
@@ -495,7 +576,7 @@ def test_discovery_templates_render_against_a_state_message() -> None:
     assert rendered["level"] == "-23.4"
     attrs = env.from_string(msgs[0].payload["json_attributes_template"]).render(value_json=state)
     assert json.loads(attrs)["active_class"] == "imbalance"
-    quiet = env.from_string(msgs[0].payload["value_template"]).render(value_json=_state(6))
+    quiet = env.from_string(msgs[0].payload["value_template"]).render(value_json=to_wire(_state(6)))
     assert quiet == "OFF"
 
 
@@ -503,7 +584,7 @@ def test_discovery_templates_render_against_a_state_message() -> None:
 
 
 def test_config_builds_a_working_sink(broker: Mosquitto, tmp_path: Path) -> None:
-    """make_sink(model_dump()) as app.py does; placeholders and the outbox path resolved."""
+    """make_sink(config) as app.py does; placeholders and the outbox path resolved."""
     device = f"fan-{uuid.uuid4().hex[:6]}"
     cfg = load_config(
         None,
@@ -526,12 +607,12 @@ def test_config_builds_a_working_sink(broker: Mosquitto, tmp_path: Path) -> None
     # A live patch round-trips the resolved config unchanged.
     assert apply_patch(cfg, {"decision": {"confirm_k": 2}}).sinks == cfg.sinks
     sub = broker.subscribe([f"soundwatch/{device}/events"])
-    sink = make_sink(sink_cfg.model_dump())
+    sink = make_sink(sink_cfg)
     try:
         event = _events(_factory(tmp_path), 1)[0]
         sink.publish(event).result(10)
         assert _payloads(sub.wait_for(lambda m: len(m) >= 1), f"soundwatch/{device}/events") == [
-            event
+            to_wire(event)
         ]
     finally:
         sink.close(2)

@@ -113,10 +113,11 @@ def test_outage_every_event_delivered_in_order_once(
         broker.stop()  # the outage: several anomalies start and end meanwhile
         health = _wait_health(driver, lambda h: not h["connected"])
         assert not health["connected"]
-        for _ in range(3):
+        for round_ in range(1, 4):  # each round waits on disk before the next one
             sent += driver.emit(2)
-            time.sleep(0.2)
-        health = driver.ask("health")["health"]
+            health = _wait_health(driver, lambda h, n=round_: h["outbox"]["depth"] == 2 * n)
+            assert health["outbox"]["depth"] == 2 * round_
+        health = _wait_health(driver, lambda h: h["connect_failures"] >= 1)
         assert health["outbox"]["depth"] == 6, "every event waits on disk during the outage"
         assert "Connection refused" in (health["last_error"] or "")
 

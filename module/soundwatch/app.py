@@ -2,10 +2,12 @@
 
 source -> resample -> features -> model -> decision -> events -> sinks
 
-:class:`Runtime` owns one pipeline run. It exposes what the edges need
-(health, the latest state, recent events, live config patches) to the HTTP
-API, the MQTT command topic, the IoT Hub twin and the mic test view, which
-all go through it rather than reaching into stages.
+:class:`Runtime` owns one pipeline run and its control plane
+(:mod:`soundwatch.control`): commands from every channel (MQTT, the IoT Hub
+twin and direct methods, the HTTP API) come in there, never through a sink.
+The edges read what they need (health, the latest state, recent events)
+through the runtime's typed methods; sinks get a :class:`SinkContext` and
+publish.
 """
 
 from __future__ import annotations
@@ -27,42 +29,31 @@ import numpy as np
 import soundfile as sf
 
 from soundwatch.bundle import Bundle, load_bundle
+from soundwatch.channels import Channel, open_channels
 from soundwatch.config import Config, ConfigError, apply_patch
-from soundwatch.decision import DecisionConfig, DecisionConfigError, DecisionState, WindowResult
-from soundwatch.events import EventFactory, SequenceCounter
+from soundwatch.control import ControlPlane
+from soundwatch.decision import DecisionConfigError, DecisionState, ModelClasses, WindowResult
+from soundwatch.events import Event, EventFactory, Message, SequenceCounter, State, to_wire
 from soundwatch.features import FeatureExtractor, FeatureSpec
 from soundwatch.model import Classifier
 from soundwatch.resample import StreamResampler
-from soundwatch.sinks import Sink, make_sink
+from soundwatch.sinks import Sink, SinkContext, make_sink
 from soundwatch.sources import Source, open_source
 from soundwatch.stream_types import AudioBlock, SourceHealth
 from soundwatch.windowing import FeatureWindow, StreamingFeatures, hop_frames_for, window_level
 
 logger = logging.getLogger(__name__)
 
-Listener = Callable[[dict[str, Any]], None]
+Listener = Callable[[Message], None]
 # How long shutdown waits for sinks to flush (MQTT acks, file fsync).
 CLOSE_TIMEOUT_S = 10.0
 RECENT_EVENTS = 500
 
 
-def decision_config(config: Config, bundle: Bundle) -> DecisionConfig:
-    """Thresholds: the config's per-class values, else the bundle's defaults."""
-    d = config.decision
-    on = {c: float(v) for c, v in bundle.thresholds.items() if c != "normal"}
-    off = {c: max(0.0, round(v - 0.2, 3)) for c, v in on.items()}
-    for name, t in d.thresholds.items():
-        on[name], off[name] = t.on, t.off
-    return DecisionConfig(
-        class_names=bundle.class_names,
-        normal_class=next((c.name for c in bundle.classes if not c.anomaly), "normal"),
-        on_threshold=on,
-        off_threshold=off,
-        confirm_k=d.confirm_k,
-        confirm_n=d.confirm_n,
-        cooldown_s=d.cooldown_s,
-        warmup_windows=d.warmup_windows,
-    )
+def apply_log_level(level: str) -> None:
+    """Set soundwatch's own log level (the root logger's, e.g. from ``-v``, may say more)."""
+    root = logging.getLogger().getEffectiveLevel()
+    logging.getLogger("soundwatch").setLevel(min(root, logging.getLevelName(level)))
 
 
 @dataclass
@@ -107,10 +98,6 @@ class Runtime:
         self.bundle = bundle or load_bundle(config.model.bundle)
         self.classifier = Classifier(self.bundle, threads=config.model.threads)
         self.extractor = FeatureExtractor(self.bundle.spec)
-        self.source = source or _make_source(config)
-        self.sinks = (
-            sinks if sinks is not None else [make_sink(s.model_dump()) for s in config.sinks]
-        )
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.events = EventFactory.from_bundle(
             self.bundle,
@@ -121,25 +108,33 @@ class Runtime:
         self.stats = Stats()
         self._lock = threading.Lock()
         try:
-            self._decision = DecisionState(decision_config(config, self.bundle))
+            self._decision = DecisionState(config.decision, ModelClasses.from_bundle(self.bundle))
         except DecisionConfigError as e:
-            raise ConfigError("<config>", [("decision", None, str(e))]) from e
+            raise ConfigError("<config>", [("decision.thresholds", None, str(e))]) from e
         self._features = self._make_features(config)
-        self._latest_state: dict[str, Any] | None = None
-        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
+        self._latest_state: State | None = None
+        self._recent: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS)
         self._listeners: list[Listener] = []
-        self._pending: set[Future[None]] = set()
         self._running = False
         self._ended = False
         self.block_peak_dbfs = float("-inf")
         self.block_rms_dbfs = float("-inf")
         self.recorder = Recorder(config.record_dir) if config.record_dir else None
-        # Sinks that also take commands or report health (MQTT `set`, the IoT
-        # Hub twin and direct methods) get the runtime through `attach`.
+        self.source = source or open_source(config.source)
+        self.sinks = sinks if sinks is not None else [make_sink(s) for s in config.sinks]
+        # Events the console sink prints are not logged again (once on a terminal).
+        self._log_events = not any(s.type_name == "console" for s in self.sinks)
+        context = SinkContext(
+            origin=self.events.origin,
+            class_names=self.bundle.class_names,
+            health=self.health,
+            latest_state=lambda: self._latest_state,
+        )
         for sink in self.sinks:
-            attach = getattr(sink, "attach", None)
-            if callable(attach):
-                attach(self)
+            sink.bind(context)
+        self.control = ControlPlane(self)
+        self.channels: list[Channel] = open_channels(self.sinks, self.control)
+        self.control.start()
 
     # --- what the edges use ------------------------------------------------
 
@@ -152,41 +147,53 @@ class Runtime:
         self._listeners.append(listener)
 
     @property
-    def latest_state(self) -> dict[str, Any] | None:
+    def latest_state(self) -> State | None:
         return self._latest_state
 
-    def recent_events(self, limit: int = 50, before_seq: int | None = None) -> list[dict[str, Any]]:
+    def recent_events(self, limit: int = 50, before_seq: int | None = None) -> list[Event]:
         """Newest first; ``before_seq`` pages backwards."""
         with self._lock:
             items = list(self._recent)
         items.reverse()
         if before_seq is not None:
-            items = [e for e in items if e.get("seq", 0) < before_seq]
+            items = [e for e in items if e.seq < before_seq]
         return items[:limit]
 
     def apply_patch(self, patch: Mapping[str, Any], source: str = "<patch>") -> Config:
         """Validate and apply a live config change; all or nothing.
 
-        Thresholds, confirmation, cooldown and enable/disable apply at the next
-        window; a hop change restarts windowing (the decision state is kept).
-        Source, model and sinks need a restart and are refused here.
+        Thresholds, confirmation, cooldown, enable/disable and the log level
+        apply at the next window; a hop change restarts windowing (the
+        decision state is kept). Every other key is read at start-up only and
+        refused here (:data:`soundwatch.config.LIVE_KEYS`). Raises
+        :class:`ConfigError`.
         """
         new = apply_patch(self.config, patch, source)
-        for key in ("source", "model", "sinks", "state_dir", "device_id", "module_id"):
-            if getattr(new, key) != getattr(self.config, key):
-                raise ConfigError(source, [(key, None, "cannot change while running; restart")])
-        try:
-            decision = decision_config(new, self.bundle)
-        except DecisionConfigError as e:
-            raise ConfigError(source, [("decision", None, str(e))]) from e
         with self._lock:
             if new.decision != self.config.decision:
-                self._decision.reconfigure(decision)
+                try:
+                    self._decision.reconfigure(new.decision)
+                except DecisionConfigError as e:
+                    raise ConfigError(source, [("decision.thresholds", None, str(e))]) from e
             if new.window != self.config.window:
                 self._features = self._make_features(new)
+            if new.log_level != self.config.log_level:
+                apply_log_level(new.log_level)
             self.config = new
         logger.info("config patch applied from %s", source)
         return new
+
+    def model_info(self) -> dict[str, Any]:
+        """The bundle's description, without its training metrics and provenance."""
+        info = self.bundle.info()
+        return {k: v for k, v in info.items() if k not in ("metrics", "provenance")}
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "windows": self.stats.windows,
+            "events": dict(self.stats.events),
+            "publish_failures": dict(self.stats.publish_failures),
+        }
 
     def health(self) -> dict[str, Any]:
         src: SourceHealth = self.source.health()
@@ -214,6 +221,10 @@ class Runtime:
                 "backend": self.classifier.backend,
             },
             "sinks": sinks,
+            "control": {
+                **self.control.health(),
+                "channels": {c.name: c.health() for c in self.channels},
+            },
             "windows": self.stats.windows,
             "events": dict(self.stats.events),
             "uptime_s": round(time.time() - self.stats.started_at, 1),
@@ -293,20 +304,29 @@ class Runtime:
         self.stats.windows += 1
         for out in outputs:
             message = self.events.build(out)
-            if message["type"] == "state":
+            if isinstance(message, State):
                 self._latest_state = message
             elif not enabled:
                 continue
-            elif message["type"] == "anomaly_started" and self.recorder is not None:
+            elif message.kind == "anomaly_started" and self.recorder is not None:
                 self.recorder.save(window, message)
             self._publish(message)
 
-    def _publish(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind != "state":
-            self.stats.events[f"{kind}:{message.get('class')}"] += 1
+    def _publish(self, message: Message) -> None:
+        if isinstance(message, Event):
+            self.stats.events[f"{message.kind}:{message.class_name}"] += 1
             with self._lock:
                 self._recent.append(message)
+            if self._log_events:
+                logger.info(
+                    "event #%d %s %s (p_max %.2f, stream %.1f-%.1f s)",
+                    message.seq,
+                    message.kind,
+                    message.class_name,
+                    message.probability_max,
+                    message.stream_start_s,
+                    message.stream_end_s,
+                )
         for listener in list(self._listeners):
             try:
                 listener(message)
@@ -323,6 +343,13 @@ class Runtime:
             logger.error("sink %s failed to deliver a message: %s", sink_name, error)
 
     def _close_sinks(self) -> None:
+        # Commands first: a channel answers through its sink's connection.
+        for channel in self.channels:
+            try:
+                channel.close()
+            except Exception:
+                logger.exception("closing the command channel of %s failed", channel.name)
+        self.control.close()
         for sink in self.sinks:
             try:
                 sink.close(CLOSE_TIMEOUT_S)
@@ -366,14 +393,15 @@ class Recorder:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, window: FeatureWindow, event: Mapping[str, Any]) -> Path | None:
+    def save(self, window: FeatureWindow, event: Event) -> Path | None:
         if window.samples is None:
             return None
-        stem = f"{event.get('seq', 0):08d}_{event.get('class')}_{window.start_s:.1f}s"
+        stem = f"{event.seq:08d}_{event.class_name}_{window.start_s:.1f}s"
         path = self.directory / f"{stem}.wav"
         try:
             sf.write(path, window.samples, window.sample_rate_hz, subtype="PCM_16")
-            (self.directory / f"{stem}.json").write_text(json.dumps(event, indent=2) + "\n")
+            doc = json.dumps(to_wire(event), indent=2) + "\n"
+            (self.directory / f"{stem}.json").write_text(doc, encoding="utf-8")
         except (OSError, sf.LibsndfileError) as e:  # a full disk must not stop detection
             logger.error("could not record %s: %s", path, e)
             return None
@@ -385,7 +413,3 @@ def _with_discontinuity(block: AudioBlock) -> AudioBlock:
     return AudioBlock(
         block.samples, block.start_sample, block.sample_rate_hz, True, block.captured_at
     )
-
-
-def _make_source(config: Config) -> Source:
-    return open_source(config.source.type, **config.source.model_dump())

@@ -42,6 +42,14 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from soundwatch import __version__
 from soundwatch.audio import AudioError
 from soundwatch.classify import Classification, ClipClassifier
+from soundwatch.control import (
+    MAX_COMMAND_BYTES,
+    CommandRequest,
+    check_nesting,
+    parse_json,
+    request_from,
+)
+from soundwatch.events import to_wire
 from soundwatch.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from soundwatch.http.metrics import ApiMetrics
 
@@ -206,7 +214,7 @@ def create_app(
     app.register_error_handler(HTTPException, functools.partial(_http_error, api))
     app.register_error_handler(Exception, _unexpected_error)
 
-    def route(rules: str, endpoint: str, view: Callable[[Api], Any], **options: Any) -> None:
+    def route(rules: str, endpoint: str, view: Callable[..., Any], **options: Any) -> None:
         bound = functools.partial(view, api)
         for rule in rules.split():
             app.add_url_rule(rule, endpoint, bound, **options)
@@ -221,6 +229,9 @@ def create_app(
     route("/metrics", "metrics", _metrics)
     route("/docs", "docs", _docs)
     route("/openapi.yaml", "openapi", _openapi)
+    # Commands go to the control plane, as from MQTT or IoT Hub.
+    route("/config", "config", _patch_config, methods=["PATCH"])
+    route("/commands/<name>", "command", _command, methods=["POST"])
     return app
 
 
@@ -392,13 +403,13 @@ def _events(api: Api) -> Response:
     limit = _int_arg("limit", default=50, low=1, high=MAX_EVENTS_PAGE)
     before = _int_arg("before_seq", default=None, low=1, high=None)
     events = api.runtime.recent_events(limit, before) if api.runtime is not None else []
-    last_seq = events[-1].get("seq") if events else None
-    more = len(events) == limit and isinstance(last_seq, int) and last_seq > 1
+    last_seq = events[-1].seq if events else None
+    more = len(events) == limit and last_seq is not None and last_seq > 1
     return jsonify(
         {
             "mode": api.mode,
             "count": len(events),
-            "events": _json_safe(events),
+            "events": [to_wire(e) for e in events],
             "next_before_seq": last_seq if more else None,
         }
     )
@@ -412,14 +423,54 @@ def _state(api: Api) -> Response:
         "peak_dbfs": _finite_or_none(runtime.block_peak_dbfs),
         "rms_dbfs": _finite_or_none(runtime.block_rms_dbfs),
     }
+    state = runtime.latest_state
     return jsonify(
         {
             "mode": api.mode,
             "level": level,
-            "state": _json_safe(runtime.latest_state),
+            "state": to_wire(state) if state is not None else None,
             "hop_s": round(runtime.hop_s, 4),
         }
     )
+
+
+# A command's status as an HTTP status (the same mapping as IoT Hub's direct methods).
+_COMMAND_STATUS = {"ok": 200, "invalid": 400, "unknown": 404, "busy": 429, "failed": 500}
+
+
+def _patch_config(api: Api) -> Response:
+    """A config patch, applied live all or nothing (as MQTT ``set`` and the twin)."""
+    return _run_command(api, "PATCH /config", "setConfig")
+
+
+def _command(api: Api, name: str) -> Response:
+    """Any command of the control plane; the body is its arguments (or empty)."""
+    return _run_command(api, f"POST /commands/{name}", None, name)
+
+
+def _run_command(api: Api, route: str, default: str | None, name: str | None = None) -> Response:
+    runtime = api.runtime
+    if runtime is None:
+        raise ApiError(503, "no_pipeline", "commands need a running pipeline (soundwatch run)")
+    if request.content_length is not None and request.content_length > MAX_COMMAND_BYTES:
+        raise ApiError(413, "too_large", f"a command is at most {MAX_COMMAND_BYTES} bytes")
+    body = request.get_data(cache=False)
+    origin = f"http:{route}"
+
+    def parse() -> CommandRequest:
+        if name is None:
+            doc = parse_json(body)
+            return request_from(doc, channel="http", origin=origin, default_command=default)
+        args = parse_json(body) if body.strip() else None
+        check_nesting(args)
+        return CommandRequest(name, args, "http", origin)
+
+    result = runtime.control.call("http", origin, parse)
+    response = jsonify(_json_safe(result.to_json()))
+    response.status_code = _COMMAND_STATUS.get(result.status, 503)
+    if result.retry_after_s is not None:
+        response.headers["Retry-After"] = str(math.ceil(result.retry_after_s))
+    return response
 
 
 def _metrics(api: Api) -> Response:

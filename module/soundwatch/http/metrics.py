@@ -222,11 +222,7 @@ class ApiMetrics:
         )
         if runtime is not None:
             self.registry.register(RuntimeCollector(runtime))
-            observers = getattr(runtime.stats, "observers", None)
-            if isinstance(observers, list):
-                observers.append(self.observe_stage)
-            else:  # an older Runtime: counters still work, histograms stay empty
-                logger.warning("runtime has no stage observers; stage histograms disabled")
+            runtime.stats.observers.append(self.observe_stage)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(seconds)
@@ -247,6 +243,6 @@ class ApiMetrics:
         """Stop observing ``runtime`` (the server is going away, the pipeline may not)."""
         if runtime is None:
             return
-        observers = getattr(runtime.stats, "observers", None)
-        if isinstance(observers, list) and self.observe_stage in observers:
+        observers = runtime.stats.observers
+        if self.observe_stage in observers:
             observers.remove(self.observe_stage)
