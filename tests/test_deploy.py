@@ -32,7 +32,9 @@ import pytest
 import tomllib
 
 from soundwatch import selftest
+from soundwatch.bundle import load_bundle
 from soundwatch.config import Config, apply_patch, load_config
+from tests.httpkit import bundle_dir
 from tools import lock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -490,14 +492,17 @@ def test_shipped_selftest_passes() -> None:
 def test_selftest_run_is_isolated_from_the_deployment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Inside a live container the self-test must not touch the real state or sinks."""
+    """Inside a live container the self-test must not touch the real state or sinks,
+    and it leaves the process environment as it found it."""
     monkeypatch.setenv("SOUNDWATCH__SINKS", "[{type: mqtt, host: broker}]")
     monkeypatch.setenv("SOUNDWATCH__STATE_DIR", "/var/lib/soundwatch")
     monkeypatch.setenv("IOTEDGE_MODULEID", "soundwatch")
-    with selftest._isolated_environment(tmp_path / "state"):
-        assert "SOUNDWATCH__SINKS" not in os.environ
-        assert "IOTEDGE_MODULEID" not in os.environ
-        assert os.environ["SOUNDWATCH__STATE_DIR"] == str(tmp_path / "state")
-    assert os.environ["SOUNDWATCH__SINKS"] == "[{type: mqtt, host: broker}]"
-    assert os.environ["SOUNDWATCH__STATE_DIR"] == "/var/lib/soundwatch"
-    assert os.environ["IOTEDGE_MODULEID"] == "soundwatch"
+    before = dict(os.environ)
+    bundle = load_bundle(bundle_dir())
+    config = selftest.stream_config(tmp_path, tmp_path / "stream.wav", bundle)
+    assert config.state_dir == tmp_path / "state"
+    assert [(s.type, getattr(s, "path", None)) for s in config.sinks] == [
+        ("jsonl", tmp_path / "events.jsonl")
+    ]
+    assert config.source.type == "file" and config.device_id == "selftest"
+    assert dict(os.environ) == before

@@ -1,4 +1,11 @@
-"""The ``soundwatch`` command line."""
+"""The ``soundwatch`` command line: one parser, one signal handling, one set of exit codes.
+
+Exit codes: 0 done, 1 failed (a model, source, sink, file or port that cannot
+be used, a failed check), 2 usage (bad options or configuration; the
+subcommand's usage is printed). Every option has one name in every
+subcommand that takes it (``--http-token`` in ``run``, ``mic`` and ``serve``
+alike), and ``-v`` works before or after the subcommand.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +29,10 @@ from soundwatch import __version__
 
 if TYPE_CHECKING:
     from soundwatch.app import Runtime
+    from soundwatch.bundle import Bundle
     from soundwatch.config import Config
+    from soundwatch.events import Message
+    from soundwatch.http.server import HttpServer
     from soundwatch.micview import MicSnapshot
 
 logger = logging.getLogger("soundwatch")
@@ -30,6 +40,18 @@ logger = logging.getLogger("soundwatch")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad options or configuration: the subcommand's usage and this message, exit 2."""
+
+
+def _fail(message: str) -> int:
+    print(f"soundwatch: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# --- logging and signals ----------------------------------------------------------------
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -41,59 +63,23 @@ def _setup_logging(verbosity: int) -> None:
     )
 
 
-def _cmd_classify(args: argparse.Namespace) -> int:
-    # Imported here so `soundwatch --help` stays instant.
-    from soundwatch.audio import AudioError
-    from soundwatch.bundle import BundleError, load_bundle
-    from soundwatch.classify import ClipClassifier
-    from soundwatch.model import ModelError
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set ``stop`` (IoT Edge and ``docker stop`` send SIGTERM).
 
-    try:
-        classifier = ClipClassifier(load_bundle(args.bundle), threads=args.threads)
-    except (BundleError, ModelError) as e:
-        print(f"soundwatch: model: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    failures = 0
-    for name in args.files:
-        try:
-            result = classifier.classify_source(Path(name))
-        except (AudioError, OSError, ValueError) as e:
-            failures += 1
-            if args.json:
-                print(json.dumps({"File": name, "Error": str(e)}), flush=True)
-            print(f"soundwatch: {name}: {e}", file=sys.stderr)
-            continue
-        if args.json:
-            print(json.dumps({"File": name, **result.to_json()}), flush=True)
-        else:
-            verdict = "ANOMALY" if result.anomaly else "ok"
-            probs = "  ".join(
-                f"{c}={p:.3f}"
-                for c, p in zip(result.class_names, result.probabilities, strict=True)
-            )
-            print(f"{name}: {verdict}: {result.message} [{result.label}]")
-            print(f"  {json.dumps(result.seed_response())}")
-            print(f"  classes: {', '.join(result.class_names)}")
-            print(f"  {probs}")
-    return EXIT_FAILED if failures else EXIT_OK
+    A second Ctrl-C raises ``KeyboardInterrupt``: the user really wants out.
+    """
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logger.warning("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
-def _cmd_selftest(args: argparse.Namespace) -> int:
-    from soundwatch.selftest import main as selftest_main
-
-    return selftest_main(args.args)
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    from soundwatch.bundle import BundleError, load_bundle
-
-    try:
-        bundle = load_bundle(args.bundle)
-    except BundleError as e:
-        print(f"soundwatch: model: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    print(json.dumps(bundle.info(), indent=2))
-    return EXIT_OK
+# --- parsing shortcuts ----------------------------------------------------------------------
 
 
 def _parse_source(text: str) -> dict[str, Any]:
@@ -154,98 +140,105 @@ def _parse_sink(text: str) -> dict[str, Any]:
     )
 
 
-def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Turn the run/mic shortcuts into config overrides."""
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``run``/``mic`` shortcuts as config overrides (they win over the file)."""
     out: dict[str, Any] = {}
-    if getattr(args, "source", None):
+    if args.source:
         out["source"] = dict(args.source)
-    pacing = getattr(args, "pacing", None)
-    if pacing is not None:
+    if args.pacing is not None:
         kind = out.get("source", {}).get("type")
         if kind not in ("file", "simulator", None):
-            raise argparse.ArgumentTypeError(
-                "--realtime/--fast apply to file and simulator sources"
-            )
-        out.setdefault("source", {})["realtime"] = pacing == "realtime"
-    if getattr(args, "loop", False):
+            raise UsageError("--realtime/--fast apply to file and simulator sources")
+        out.setdefault("source", {})["realtime"] = args.pacing == "realtime"
+    if args.loop:
         out.setdefault("source", {})["loop"] = True
-    if getattr(args, "hop", None) is not None:
+    if args.hop is not None:
         out["window.hop_s"] = args.hop
-    if getattr(args, "sink", None) is not None:
+    if args.sink is not None:
         out["sinks"] = list(args.sink)
-    if getattr(args, "state_dir", None):
+    if args.state_dir:
         out["state_dir"] = str(args.state_dir)
-    if getattr(args, "bundle", None):
+    if args.bundle:
         out["model.bundle"] = str(args.bundle)
+    if getattr(args, "record", None):
+        out["record_dir"] = str(args.record)
     return out
 
 
-def _load_config_or_report(
-    args: argparse.Namespace, extra: dict[str, Any] | None = None
-) -> Config | None:
+def _load_config(args: argparse.Namespace) -> Config:
     from soundwatch.config import ConfigError, load_config
 
     try:
-        overrides = {**_cli_overrides(args), **(extra or {})}
-        return load_config(args.config, overrides=overrides)
-    except (ConfigError, argparse.ArgumentTypeError) as e:
-        print(f"soundwatch: {e}", file=sys.stderr)
-        return None
+        return load_config(args.config, overrides=_overrides(args))
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
 
 
-def _install_stop_handlers(stop: threading.Event) -> None:
-    def handler(signum: int, _frame: object) -> None:
-        if stop.is_set():  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        logger.warning("received %s: stopping (flushing sinks)", signal.Signals(signum).name)
-        stop.set()
+def _http_options(args: argparse.Namespace) -> Any:
+    from soundwatch.http.options import HttpConfigError, http_options
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    try:
+        return http_options(
+            args.http,
+            token=args.http_token,
+            no_auth=args.http_no_auth,
+            max_upload_mb=args.http_max_upload_mb,
+            upload_timeout_s=args.http_upload_timeout,
+            classifiers=args.http_classifiers,
+        )
+    except HttpConfigError as e:
+        raise UsageError(f"--http: {e}") from e
 
 
 def _build_runtime(config: Config) -> Runtime | None:
-    from soundwatch.app import Runtime
+    from soundwatch.app import Runtime, apply_log_level
     from soundwatch.bundle import BundleError
     from soundwatch.config import ConfigError
     from soundwatch.model import ModelError
     from soundwatch.sinks import SinkError
     from soundwatch.sources import SourceError
 
+    apply_log_level(config.log_level)
     try:
         return Runtime(config)
     except (BundleError, ModelError) as e:
-        print(f"soundwatch: model: {e}", file=sys.stderr)
+        _fail(f"model: {e}")
     except SourceError as e:
-        print(f"soundwatch: source: {e}", file=sys.stderr)
+        _fail(f"source: {e}")
     except SinkError as e:
-        print(f"soundwatch: sink: {e}", file=sys.stderr)
+        _fail(f"sink: {e}")
     except ConfigError as e:
-        print(f"soundwatch: {e}", file=sys.stderr)
+        raise UsageError(str(e)) from e
     return None
 
 
-def _start_http(args: argparse.Namespace, runtime: Runtime | None, config: Config | None) -> Any:
-    """Start the HTTP API if asked (``--http HOST:PORT``); returns a handle with ``stop()``."""
-    address = getattr(args, "http", None)
-    if not address:
-        return None
-    from soundwatch.http.cli import start_http
+def _start_http(options: Any, bundle: Bundle, runtime: Runtime | None) -> HttpServer | None:
+    from soundwatch.http.options import build_server
+    from soundwatch.http.server import ServerError
 
-    return start_http(address, runtime=runtime, config=config, args=args)
+    try:
+        return build_server(options, bundle, runtime).start()
+    except ServerError as e:
+        _fail(f"http: {e}")
+        return None
+
+
+# --- the commands ------------------------------------------------------------------------------
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = _load_config_or_report(args)
-    if config is None:
-        return EXIT_USAGE
-    logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, config.log_level)))
+    config = _load_config(args)
+    options = _http_options(args) if args.http else None  # refused before anything starts
     runtime = _build_runtime(config)
     if runtime is None:
         return EXIT_FAILED
     stop = threading.Event()
-    _install_stop_handlers(stop)
-    http = _start_http(args, runtime, config)
+    _stop_on_signals(stop)
+    http = None
+    if options is not None:
+        http = _start_http(options, runtime.bundle, runtime)
+        if http is None:
+            stop.set()  # the sinks are flushed and closed on the way out
     logger.info(
         "running: source=%s hop=%.3f s model=%s sinks=%s",
         config.source.type,
@@ -254,49 +247,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ",".join(s.name for s in runtime.sinks),
     )
     try:
-        return runtime.run(stop)
+        code = runtime.run(stop)
     finally:
         if http is not None:
             http.stop()
-
-
-def _mic_snapshot(runtime: Runtime, config: Config) -> MicSnapshot:
-    from soundwatch.micview import MicSnapshot
-
-    h = runtime.health()["source"]
-    return MicSnapshot(
-        device=h["device"],
-        device_rate_hz=h["device_rate_hz"],
-        source_state=h["state"],
-        source_healthy=h["healthy"],
-        source_detail=h["detail"],
-        overflows=h["overflows"],
-        block_peak_dbfs=runtime.block_peak_dbfs,
-        block_rms_dbfs=runtime.block_rms_dbfs,
-        state=runtime.latest_state,
-        events=runtime.recent_events(6),
-        hop_s=runtime.hop_s,
-        recording_dir=str(config.record_dir) if config.record_dir else None,
-    )
-
-
-def _print_plain(message: dict[str, Any]) -> None:
-    """Mic mode without a terminal: one line per window or event, for logs."""
-    if message["type"] == "state":
-        probs = " ".join(f"{k}={v:.2f}" for k, v in message["Probabilities"].items())
-        level = message["level"]
-        warn = " CLIPPING" if level["clipping"] else (" SILENT" if level["silent"] else "")
-        print(
-            f"window {message['window_index']}: {message['class']} [{probs}] "
-            f"rms {level['rms_dbfs']:.1f} dBFS peak {level['peak_dbfs']:.1f} dBFS{warn} "
-            f"active={message.get('active_class')}",
-            flush=True,
-        )
-    else:
-        print(
-            f"EVENT #{message['seq']} {message['type']} {message['class']}: {message['Message']}",
-            flush=True,
-        )
+    return code if http is not None or options is None else EXIT_FAILED
 
 
 def _cmd_mic(args: argparse.Namespace) -> int:
@@ -307,22 +262,19 @@ def _cmd_mic(args: argparse.Namespace) -> int:
         args.source = {"type": "mic", "device": args.device}
     if not args.sink:
         args.sink = []  # the view shows events; add --sink to also keep them
-    overrides_dir = {"record_dir": str(args.record)} if args.record else {}
-    config = _load_config_or_report(args, extra=overrides_dir)
-    if config is None:
-        return EXIT_USAGE
+    config = _load_config(args)
     if config.source.type == "mic":
-        _cmd_devices(argparse.Namespace(json=False))
+        _list_devices(as_json=False)
     runtime = _build_runtime(config)
     if runtime is None:
         return EXIT_FAILED
     stop = threading.Event()
-    _install_stop_handlers(stop)
+    _stop_on_signals(stop)
     worker = threading.Thread(target=runtime.run, args=(stop,), name="pipeline", daemon=True)
-    worker.start()
     tty = sys.stdout.isatty() and not args.plain
     if not tty:
         runtime.add_listener(_print_plain)
+    worker.start()
     try:
         while worker.is_alive():
             worker.join(timeout=0.2)
@@ -334,8 +286,118 @@ def _cmd_mic(args: argparse.Namespace) -> int:
         worker.join(timeout=15)
     if tty:
         for ev in reversed(runtime.recent_events(1000)):
-            print(f"event #{ev['seq']} {ev['type']} {ev['class']} ({ev['Message']})")
+            print(f"event #{ev.seq} {ev.kind} {ev.class_name} ({ev.message})")
     return EXIT_OK
+
+
+def _mic_snapshot(runtime: Runtime, config: Config) -> MicSnapshot:
+    from soundwatch.events import to_wire
+    from soundwatch.micview import MicSnapshot
+
+    h = runtime.health()["source"]
+    state = runtime.latest_state
+    return MicSnapshot(
+        device=h["device"],
+        device_rate_hz=h["device_rate_hz"],
+        source_state=h["state"],
+        source_healthy=h["healthy"],
+        source_detail=h["detail"],
+        overflows=h["overflows"],
+        block_peak_dbfs=runtime.block_peak_dbfs,
+        block_rms_dbfs=runtime.block_rms_dbfs,
+        state=to_wire(state) if state is not None else None,
+        events=[to_wire(e) for e in runtime.recent_events(6)],
+        hop_s=runtime.hop_s,
+        recording_dir=str(config.record_dir) if config.record_dir else None,
+    )
+
+
+def _print_plain(message: Message) -> None:
+    """Mic mode without a terminal: one line per window or event, for logs."""
+    from soundwatch.events import State
+
+    if isinstance(message, State):
+        probs = " ".join(f"{k}={v:.2f}" for k, v in message.probabilities.items())
+        level = message.level
+        warn = " CLIPPING" if level.clipping else (" SILENT" if level.silent else "")
+        print(
+            f"window {message.window_index}: {message.class_name} [{probs}] "
+            f"rms {max(level.rms_dbfs, -200.0):.1f} dBFS peak {max(level.peak_dbfs, -200.0):.1f} "
+            f"dBFS{warn} active={message.active_class}",
+            flush=True,
+        )
+    else:
+        print(
+            f"EVENT #{message.seq} {message.kind} {message.class_name}: {message.message}",
+            flush=True,
+        )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from soundwatch.bundle import BundleError, load_bundle
+    from soundwatch.model import ModelError
+
+    options = _http_options(args)
+    logging.getLogger("soundwatch").setLevel(
+        min(logging.getLogger("soundwatch").getEffectiveLevel(), logging.INFO)
+    )
+    try:
+        bundle = load_bundle(args.bundle)
+        server = _start_http(options, bundle, None)
+    except (BundleError, ModelError) as e:
+        return _fail(f"model: {e}")
+    if server is None:
+        return EXIT_FAILED
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    logger.info(
+        "serving %s with no audio source: %s (auth: %s)",
+        bundle.model_version,
+        server.url,
+        "bearer token" if options.token else "none",
+    )
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+    return EXIT_OK
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    # Imported here so `soundwatch --help` stays instant.
+    from soundwatch.audio import AudioError
+    from soundwatch.bundle import BundleError, load_bundle
+    from soundwatch.classify import ClipClassifier
+    from soundwatch.model import ModelError
+
+    try:
+        classifier = ClipClassifier(load_bundle(args.bundle), threads=args.threads)
+    except (BundleError, ModelError) as e:
+        return _fail(f"model: {e}")
+    failures = 0
+    for name in args.files:
+        try:
+            result = classifier.classify_source(Path(name))
+        except (AudioError, OSError, ValueError) as e:
+            failures += 1
+            if args.json:
+                print(json.dumps({"File": name, "Error": str(e)}), flush=True)
+            print(f"soundwatch: {name}: {e}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"File": name, **result.to_json()}), flush=True)
+        else:
+            verdict = "ANOMALY" if result.anomaly else "ok"
+            probs = "  ".join(
+                f"{c}={p:.3f}"
+                for c, p in zip(result.class_names, result.probabilities, strict=True)
+            )
+            print(f"{name}: {verdict}: {result.message} [{result.label}]")
+            print(f"  {json.dumps(result.seed_response())}")
+            print(f"  classes: {', '.join(result.class_names)}")
+            print(f"  {probs}")
+    return EXIT_FAILED if failures else EXIT_OK
 
 
 def _cmd_validate_config(args: argparse.Namespace) -> int:
@@ -344,8 +406,7 @@ def _cmd_validate_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file)
     except ConfigError as e:
-        print(f"soundwatch: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(str(e))
     print(f"{args.file}: ok")
     if args.show:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -353,14 +414,17 @@ def _cmd_validate_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
+    return _list_devices(as_json=args.json)
+
+
+def _list_devices(*, as_json: bool) -> int:
     from soundwatch.sources import SourceError, list_input_devices
 
     try:
         devices = list_input_devices()
     except SourceError as e:
-        print(f"soundwatch: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    if args.json:
+        return _fail(str(e))
+    if as_json:
         print(json.dumps(devices, indent=2))
         return EXIT_OK
     if not devices:
@@ -377,63 +441,160 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="soundwatch",
-        description="Listens to machines and reports when they sound wrong.",
-    )
-    parser.add_argument("--version", action="version", version=f"soundwatch {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _cmd_info(args: argparse.Namespace) -> int:
+    from soundwatch.bundle import BundleError, load_bundle
 
-    def add_bundle(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--bundle", type=Path, default=None, help="model bundle directory (default: shipped)"
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as e:
+        return _fail(f"model: {e}")
+    info = bundle.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(info_summary(info, bundle.path))
+    return EXIT_OK
+
+
+def info_summary(info: dict[str, Any], path: Path) -> str:
+    """A few lines a person reads: what the model tells apart and how well."""
+    spec = info.get("feature_spec", {})
+    thresholds = info.get("thresholds", {})
+    lines = [
+        f"model {info.get('name')}@{info.get('version')}  ({path})",
+        f"classes: {', '.join(info.get('classes', []))}",
+        f"input: {info.get('input_dtype')} {'x'.join(str(d) for d in info.get('input_shape', []))}"
+        f"; {spec.get('n_mfcc')} MFCCs x {spec.get('n_frames')} frames at "
+        f"{spec.get('sample_rate_hz')} Hz (trained at {spec.get('train_rate_hz')} Hz)",
+        "thresholds (on): "
+        + (", ".join(f"{c} {v:g}" for c, v in thresholds.items()) or "none (0.7 each)"),
+    ]
+    metrics = info.get("metrics", {})
+    int8 = metrics.get("int8") if isinstance(metrics, dict) else None
+    if isinstance(int8, dict) and "accuracy" in int8:
+        per_snr = int8.get("per_snr", {})
+        snrs = ", ".join(f"{k} {v:.3f}" for k, v in per_snr.items())
+        lines.append(
+            f"held-out unit {metrics.get('held_out_unit', '?')}: accuracy {int8['accuracy']:.3f}"
+            + (f" ({snrs})" if snrs else "")
         )
-
-    p = sub.add_parser("classify", help="classify audio files (WAV, FLAC, OGG; any rate)")
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
-    add_bundle(p)
-    p.set_defaults(func=_cmd_classify)
-
-    p = sub.add_parser("run", help="run the module: capture, classify, publish")
-    _add_run_options(p, add_bundle)
-    p.set_defaults(func=_cmd_run)
-
-    p = sub.add_parser("mic", help="local mic test mode: live level, probabilities, events")
-    _add_run_options(p, add_bundle)
-    p.add_argument("--device", help="input device name substring or index (see `devices`)")
-    p.add_argument("--record", type=Path, help="save windows that triggered events as WAV here")
-    p.add_argument("--plain", action="store_true", help="line output even on a terminal")
-    p.set_defaults(func=_cmd_mic)
-
-    p = sub.add_parser("validate-config", help="check a config file; errors name key and line")
-    p.add_argument("file", type=Path)
-    p.add_argument("--show", action="store_true", help="print the effective config")
-    p.set_defaults(func=_cmd_validate_config)
-
-    p = sub.add_parser("devices", help="list audio input devices")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_devices)
-
-    p = sub.add_parser("selftest", help="check the bundle, sample clips and pipeline here")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the self-test")
-    p.set_defaults(func=_cmd_selftest)
-
-    p = sub.add_parser("info", help="describe the model bundle")
-    add_bundle(p)
-    p.set_defaults(func=_cmd_info)
-
-    from soundwatch.http.cli import add_serve_parser  # light: Flask loads only in `serve`
-
-    add_serve_parser(sub)
-    return parser
+    provenance = info.get("provenance", {})
+    if isinstance(provenance, dict) and provenance.get("date"):
+        lines.append(f"trained {provenance['date']}")
+    lines.append("full document: soundwatch info --json")
+    return "\n".join(lines)
 
 
-def _add_run_options(p: argparse.ArgumentParser, add_bundle: Any) -> None:
-    p.add_argument("--config", type=Path, default=None, help="YAML config file")
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from soundwatch.selftest import collect, summarise
+
+    results = collect(bundle_dir=args.bundle, samples_dir=args.samples, stream=not args.no_stream)
+    code = summarise(results, strict=args.strict)
+    if args.json:
+        doc = {"ok": code == 0, "strict": args.strict, "steps": [r.to_json() for r in results]}
+        print(json.dumps(doc, indent=1))
+        return code
+    for r in results:
+        print(f"selftest {r.name}: {r.status.upper()} ({r.seconds:.1f} s): {r.detail}")
+    print(f"selftest: {'ok' if code == 0 else 'FAILED'}")
+    return code
+
+
+# --- the parser ---------------------------------------------------------------------------------
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and appends each option's default when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+            and not isinstance(default, list)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _subcommand(
+    sub: Any,
+    name: str,
+    *,
+    summary: str,
+    description: str,
+    examples: Sequence[str],
+    func: Callable[[argparse.Namespace], int],
+    parents: Sequence[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    p: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
+        formatter_class=_Formatter,
+        parents=list(parents),
+    )
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_bundle(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="model bundle directory (default: the shipped one)",
+    )
+
+
+def _add_http(p: argparse.ArgumentParser, *, default_address: str | None) -> None:
+    from soundwatch.http.options import AUTH_ENV, DEFAULT_ADDRESS, TOKEN_ENV
+
+    g = p.add_argument_group("HTTP API")
+    g.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        default=default_address,
+        help="serve the HTTP API here (port 0: any free port"
+        + (")" if default_address else f"; e.g. {DEFAULT_ADDRESS})"),
+    )
+    auth = g.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--http-token",
+        metavar="TOKEN",
+        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV})",
+    )
+    auth.add_argument(
+        "--http-no-auth",
+        action="store_true",
+        help=f"serve without a token even on a non-loopback address (or {AUTH_ENV}=none)",
+    )
+    g.add_argument(
+        "--http-max-upload-mb",
+        type=float,
+        metavar="MIB",
+        help="largest accepted upload in MiB (default: 32)",
+    )
+    g.add_argument(
+        "--http-upload-timeout",
+        type=float,
+        metavar="S",
+        help="close a connection that sends nothing for S seconds (default: 30)",
+    )
+    g.add_argument(
+        "--http-classifiers",
+        type=int,
+        metavar="N",
+        help="uploads classified at once (default: min(2, CPUs))",
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML config file (default: none)")
     p.add_argument(
         "--source",
         type=_parse_source,
@@ -447,22 +608,189 @@ def _add_run_options(p: argparse.ArgumentParser, add_bundle: Any) -> None:
         help="console | jsonl:PATH | mqtt[s]://[user@]host[:port] (repeatable)",
     )
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--realtime", dest="pacing", action="store_const", const="realtime")
-    pace.add_argument("--fast", dest="pacing", action="store_const", const="fast")
+    pace.add_argument(
+        "--realtime",
+        dest="pacing",
+        action="store_const",
+        const="realtime",
+        help="pace a file or simulator at real time",
+    )
+    pace.add_argument(
+        "--fast",
+        dest="pacing",
+        action="store_const",
+        const="fast",
+        help="read a file or simulator as fast as possible",
+    )
     p.add_argument("--loop", action="store_true", help="loop a file source")
     p.add_argument("--state-dir", type=Path, help="sequence counter, outbox, recordings")
-    p.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API (e.g. 127.0.0.1:5000)")
-    from soundwatch.http.cli import add_http_options  # light: Flask loads only when serving
+    _add_bundle(p)
+    _add_http(p, default_address=None)
 
-    add_http_options(p, prefix="http-")
-    add_bundle(p)
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and each subcommand's own (for errors with its usage)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output (-vv: debug)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="soundwatch",
+        description="Listens to machines and reports when they sound wrong.",
+        epilog="Each command has --help with examples, e.g. soundwatch run --help.",
+    )
+    parser.add_argument("--version", action="version", version=f"soundwatch {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parents = [common]
+    subs: dict[str, argparse.ArgumentParser] = {}
+
+    p = subs["run"] = _subcommand(
+        sub,
+        "run",
+        summary="run the module: capture, classify, publish",
+        description="Run the module: read audio from the configured source, classify every "
+        "window, decide on anomalies and publish events to the sinks. SIGTERM/SIGINT stop it "
+        "and flush the sinks; at the end of a file it exits 0.",
+        examples=[
+            "soundwatch run --config config/demo.yaml",
+            "soundwatch run --source file:fan.wav --fast --sink jsonl:events.jsonl",
+            "soundwatch run --sink mqtt://broker.local --http 0.0.0.0:5000 --http-token $TOKEN",
+        ],
+        func=_cmd_run,
+        parents=parents,
+    )
+    _add_run_options(p)
+
+    p = subs["mic"] = _subcommand(
+        sub,
+        "mic",
+        summary="local mic test mode: live level, probabilities, events",
+        description="Bench test of a microphone: lists the devices, then shows the level, the "
+        "class probabilities, the decision and recent events live (one line per window "
+        "without a terminal). Events go to the view only unless --sink is given.",
+        examples=["soundwatch mic --device USB", "soundwatch mic --device 2 --record ./rec"],
+        func=_cmd_mic,
+        parents=parents,
+    )
+    _add_run_options(p)
+    p.add_argument("--device", help="input device name substring or index (see `devices`)")
+    p.add_argument("--record", type=Path, help="save windows that triggered events as WAV here")
+    p.add_argument("--plain", action="store_true", help="line output even on a terminal")
+
+    p = subs["serve"] = _subcommand(
+        sub,
+        "serve",
+        summary="serve the HTTP API with the model only (no audio source), as the seeds did",
+        description="Serve POST /inference, /info, /health, the web page and /metrics with the "
+        "model bundle, without capturing audio.",
+        examples=[
+            "soundwatch serve",
+            "SOUNDWATCH_HTTP_TOKEN=... soundwatch serve --http 0.0.0.0:5000",
+        ],
+        func=_cmd_serve,
+        parents=parents,
+    )
+    from soundwatch.http.options import DEFAULT_ADDRESS  # light: no Flask
+
+    _add_bundle(p)
+    _add_http(p, default_address=DEFAULT_ADDRESS)
+
+    p = subs["classify"] = _subcommand(
+        sub,
+        "classify",
+        summary="classify audio files (WAV, FLAC, OGG; any rate)",
+        description="The seeds' whole-clip verdict for each file (the first ~10 s): the "
+        "seeds' JSON with the file and class names. Bad files get an error and the others "
+        "are still classified; the exit code is 1 if any failed.",
+        examples=["soundwatch classify fan.wav", "soundwatch classify --json clips/*.flac"],
+        func=_cmd_classify,
+        parents=parents,
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--threads", type=int, default=1, help="inference threads")
+    _add_bundle(p)
+
+    p = subs["validate-config"] = _subcommand(
+        sub,
+        "validate-config",
+        summary="check a config file; errors name key and line",
+        description="Validate a config file against the schema (config/default.yaml documents "
+        "every key). Errors name the key path and the line; the exit code is 1 if any.",
+        examples=["soundwatch validate-config config/demo.yaml --show"],
+        func=_cmd_validate_config,
+        parents=parents,
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--show", action="store_true", help="print the effective config")
+
+    p = subs["devices"] = _subcommand(
+        sub,
+        "devices",
+        summary="list audio input devices",
+        description="The audio input devices PortAudio sees, with their channels and default "
+        "rate; the default device is marked with *.",
+        examples=["soundwatch devices", "soundwatch devices --json"],
+        func=_cmd_devices,
+        parents=parents,
+    )
+    p.add_argument("--json", action="store_true", help="the full list as JSON")
+
+    p = subs["selftest"] = _subcommand(
+        sub,
+        "selftest",
+        summary="check the bundle, sample clips and pipeline here",
+        description="Load the model bundle, classify the shipped sample clips against the "
+        "reference results and stream a simulated recording through the pipeline (in a "
+        "temporary state directory, with no deployment sinks). Exit 1 if a step failed "
+        "(or, with --strict, was skipped).",
+        examples=["soundwatch selftest", "soundwatch selftest --no-stream --strict --json"],
+        func=_cmd_selftest,
+        parents=parents,
+    )
+    from soundwatch.selftest import SAMPLES_DIR  # light: imports only what it needs later
+
+    _add_bundle(p)
+    p.add_argument("--samples", type=Path, default=SAMPLES_DIR, help="sample clips directory")
+    p.add_argument("--no-stream", action="store_true", help="skip the pipeline step")
+    p.add_argument("--strict", action="store_true", help="a skipped step fails the test")
+    p.add_argument("--json", action="store_true", help="the results as one JSON document")
+
+    p = subs["info"] = _subcommand(
+        sub,
+        "info",
+        summary="describe the model bundle",
+        description="A short summary of the model bundle: classes, input, thresholds and the "
+        "held-out accuracy. --json prints the full document (feature spec, provenance, "
+        "every metric).",
+        examples=["soundwatch info", "soundwatch info --json --bundle ./my-bundle"],
+        func=_cmd_info,
+        parents=parents,
+    )
+    _add_bundle(p)
+    p.add_argument("--json", action="store_true", help="the full bundle description as JSON")
+    return parser, subs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; returns the exit code (argparse exits 2 itself on bad options)."""
+    parser, subs = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    command = subs[args.command]
+    if extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except UsageError as e:
+        command.print_usage(sys.stderr)
+        print(f"soundwatch {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return code
 
 

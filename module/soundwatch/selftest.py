@@ -18,32 +18,35 @@ Three steps, each reported as ``pass``, ``fail`` or ``skip`` with a reason:
    (``probabilities`` may also be a list in the bundle's class order.) Labels
    must match exactly, probabilities within :data:`PROBABILITY_TOLERANCE`.
 3. ``stream``: render a fan-simulator recording (normal and faulty stretches),
-   stream it through the real pipeline with ``soundwatch run`` (file source,
-   JSONL sink) in this process, and check that the events are well formed and
-   that a fault in the recording was reported.
+   stream it through the real pipeline (:class:`soundwatch.app.Runtime`, file
+   source, JSONL sink, in a temporary state directory) in this process, and
+   check that the events are well formed and that a fault in the recording
+   was reported.
 
 Each step reports its detailed results in :attr:`StepResult.data`, so that
 ``tools/arm64-check`` can compare an emulated aarch64 run with an x86_64 run.
-``python -m soundwatch.selftest`` runs it (the image build does).
+:func:`collect` and :func:`run_selftest` need neither the command line nor
+the process environment; ``soundwatch selftest`` (or ``python -m
+soundwatch.selftest``) runs them.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from soundwatch.bundle import Bundle
+    from soundwatch.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -214,17 +217,6 @@ def _fmt(values: Sequence[float]) -> str:
 # --- step 3 -----------------------------------------------------------------------
 
 
-def _run_parser() -> argparse.ArgumentParser | None:
-    """The CLI's ``run`` subcommand parser, or None while the CLI has none."""
-    from soundwatch import cli
-
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            run = action.choices.get("run")
-            return run if isinstance(run, argparse.ArgumentParser) else None
-    return None
-
-
 def render_stream_recording(path: Path) -> tuple[str, list[str]]:
     """Write the simulator recording for the stream step; returns (description, faults)."""
     import numpy as np
@@ -253,67 +245,52 @@ def _required_event_keys() -> list[str]:
         return ["type", "class", "Anomaly", "Probabilities"]
 
 
-# Variables that would make the test run talk to the real deployment: config
-# overrides (sinks, state) and the IoT Edge module identity.
-_DEPLOYMENT_ENV_PREFIXES = ("SOUNDWATCH__", "IOTEDGE_")
-_DEPLOYMENT_ENV_NAMES = ("EdgeHubConnectionString", "EdgeModuleCACertificateFile")
+def stream_config(work_dir: Path, wav: Path, bundle: Bundle) -> Config:
+    """The config of the stream step: the recording in, JSONL out, state in ``work_dir``.
 
-
-@contextlib.contextmanager
-def _isolated_environment(state_dir: Path) -> Iterator[None]:
-    """Hide the deployment's settings and point the state at ``state_dir`` meanwhile.
-
-    A self-test inside a running container must not advance the real event
+    Built from defaults alone, never from the environment or a config file: a
+    self-test inside a running container must not advance the real event
     sequence, use the real outbox or publish to the real broker or IoT Hub.
     """
-    saved = {
-        k: v
-        for k, v in os.environ.items()
-        if k.startswith(_DEPLOYMENT_ENV_PREFIXES) or k in _DEPLOYMENT_ENV_NAMES
-    }
-    for key in saved:
-        del os.environ[key]
-    os.environ["SOUNDWATCH__STATE_DIR"] = str(state_dir)
-    try:
-        yield
-    finally:
-        del os.environ["SOUNDWATCH__STATE_DIR"]
-        os.environ.update(saved)
+    from soundwatch.config import load_config
+
+    return load_config(
+        None,
+        env={},
+        overrides={
+            "device_id": "selftest",
+            "state_dir": str(work_dir / "state"),
+            "model": {"bundle": str(bundle.path)},
+            "source": {"type": "file", "path": str(wav), "realtime": False},
+            "sinks": [{"type": "jsonl", "path": str(work_dir / "events.jsonl")}],
+        },
+    )
 
 
 def check_stream(bundle: Bundle | None, work_dir: Path) -> StepResult:
-    """Stream a simulator recording through ``soundwatch run`` and check its events."""
+    """Stream a simulator recording through the real pipeline and check its events."""
     if bundle is None:
         return StepResult("stream", "skip", "no bundle to run the pipeline with")
-    try:
-        run_parser = _run_parser()
-    except Exception as e:  # an unfinished CLI must not take the other steps down
-        return StepResult("stream", "skip", f"cannot inspect the CLI: {e}")
-    if run_parser is None:
-        return StepResult("stream", "skip", "this build's CLI has no `run` command")
-    from soundwatch import cli
+    from soundwatch.app import Runtime
 
     t0 = time.perf_counter()
     wav = work_dir / "stream.wav"
-    events_path = work_dir / "events.jsonl"
     try:
         about, faults = render_stream_recording(wav)
     except (ImportError, AttributeError, TypeError, ValueError) as e:
         return StepResult("stream", "skip", f"the fan simulator is unavailable: {e}")
-    argv = ["run", "--source", f"file:{wav}", "--fast", "--sink", f"jsonl:{events_path}"]
-    if any("--bundle" in a.option_strings for a in run_parser._actions):
-        argv += ["--bundle", str(bundle.path)]
+    config = stream_config(work_dir, wav, bundle)
     try:
-        with _isolated_environment(work_dir / "state"):
-            code = cli.main(argv)
-    except SystemExit as e:  # argparse rejects an option this build lacks
-        code = e.code if isinstance(e.code, int) else 2
+        code = Runtime(config, bundle=bundle).run(threading.Event())
+    except Exception as e:  # the step reports what broke; the other steps still count
+        logger.exception("selftest stream step failed")
+        return StepResult(
+            "stream", "fail", f"the pipeline failed: {e}", seconds=time.perf_counter() - t0
+        )
     seconds = time.perf_counter() - t0
     if code != 0:
-        return StepResult(
-            "stream", "fail", f"`soundwatch {' '.join(argv)}` exited {code}", seconds=seconds
-        )
-    return _judge_events(events_path, about, faults, seconds)
+        return StepResult("stream", "fail", f"the pipeline exited {code}", seconds=seconds)
+    return _judge_events(work_dir / "events.jsonl", about, faults, seconds)
 
 
 def _judge_events(path: Path, about: str, faults: list[str], seconds: float) -> StepResult:
@@ -410,26 +387,8 @@ def run_selftest(
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m soundwatch.selftest", description="soundwatch self-test"
-    )
-    parser.add_argument("--bundle", type=Path, default=None, help="bundle directory")
-    parser.add_argument("--samples", type=Path, default=SAMPLES_DIR, help="samples directory")
-    parser.add_argument("--no-stream", action="store_true", help="skip the pipeline step")
-    parser.add_argument("--strict", action="store_true", help="a skipped step fails the test")
-    parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    results = collect(bundle_dir=args.bundle, samples_dir=args.samples, stream=not args.no_stream)
-    for r in results:
-        sys.stdout.write(f"selftest {r.name}: {r.status.upper()} ({r.seconds:.1f} s): {r.detail}\n")
-    if args.json is not None:
-        args.json.write_text(json.dumps([r.to_json() for r in results], indent=1) + "\n")
-    code = summarise(results, strict=args.strict)
-    sys.stdout.write(f"selftest: {'ok' if code == 0 else 'FAILED'}\n")
-    return code
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m soundwatch.selftest ...` is `soundwatch selftest ...` (the image build runs it).
+    from soundwatch.cli import main
+
+    sys.exit(main(["selftest", *sys.argv[1:]]))
