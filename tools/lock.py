@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomllib
 
@@ -214,7 +215,13 @@ def build_allowed_sdists(requirements: list[str], out: Path) -> dict[str, tuple[
     return built
 
 
-def resolve(arch: str, requirements: list[str], find_links: Path, work: Path) -> dict[str, dict]:
+# One "install" item of pip's --report JSON (name, version, download URL, hashes...).
+ReportItem = dict[str, Any]
+
+
+def resolve(
+    arch: str, requirements: list[str], find_links: Path, work: Path
+) -> dict[str, ReportItem]:
     """Resolve for ``arch`` with wheels only; returns canonical name -> report item."""
     report = work / f"report-{arch}.json"
     req_file = work / "requirements.in"
@@ -248,7 +255,7 @@ def generate(path: Path = LOCK_PATH) -> None:
         local = work / "wheels"
         local.mkdir()
         sdists = build_allowed_sdists(requirements, local)
-        resolved: dict[str, dict[str, dict]] = {}
+        resolved: dict[str, dict[str, ReportItem]] = {}
         reqs = list(requirements)
         for _attempt in range(3):
             resolved = {arch: resolve(arch, reqs, local, work) for arch in ARCHES}
@@ -273,7 +280,7 @@ def generate(path: Path = LOCK_PATH) -> None:
     print(f"lock: wrote {path.relative_to(ROOT)} ({text.count('==')} packages)")
 
 
-def _parents(resolved: dict[str, dict], env: dict[str, str]) -> dict[str, list[str]]:
+def _parents(resolved: dict[str, ReportItem], env: dict[str, str]) -> dict[str, list[str]]:
     from packaging.requirements import Requirement
 
     parents: dict[str, list[str]] = {}
@@ -287,7 +294,7 @@ def _parents(resolved: dict[str, dict], env: dict[str, str]) -> dict[str, list[s
 
 
 def render(
-    resolved: dict[str, dict[str, dict]],
+    resolved: dict[str, dict[str, ReportItem]],
     sdists: dict[str, tuple[str, str]],
     requirements: list[str],
 ) -> str:
