@@ -127,13 +127,7 @@ class IotHubSink(OutboxSink):
         env: Mapping[str, str] | None = None,
         client_factory: ClientFactory | None = None,
     ) -> None:
-        super().__init__(
-            name=config.name,
-            include_state=config.include_state,
-            outbox=config.outbox,
-            reconnect=config.reconnect,
-            state_min_interval_s=config.state_min_interval_s,
-        )
+        super().__init__(config)
         self.config = config
         env = os.environ if env is None else env
         # The SDK re-establishes a dropped connection itself, every this many seconds.

@@ -88,13 +88,7 @@ class MqttSink(OutboxSink):
     destination = "the broker"
 
     def __init__(self, config: MqttSinkConfig, *, env: Mapping[str, str] | None = None) -> None:
-        super().__init__(
-            name=config.name,
-            include_state=config.include_state,
-            outbox=config.outbox,
-            reconnect=config.reconnect,
-            state_min_interval_s=config.state_min_interval_s,
-        )
+        super().__init__(config)
         env = os.environ if env is None else env
         password = config.password
         if password is None and config.password_env:

@@ -148,13 +148,7 @@ def _attach_v2(client: Any, cb: Callbacks) -> None:
     def on_publish(_client: Any, _userdata: Any, mid: int, _rc: Any, _props: Any) -> None:
         cb.on_publish(mid)
 
-    def on_message(_client: Any, _userdata: Any, message: Any) -> None:
-        cb.on_message(message.topic, bytes(message.payload), bool(message.retain))
-
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
-    client.on_publish = on_publish
-    client.on_message = on_message
+    _install(client, cb, on_connect, on_disconnect, on_publish)
 
 
 def _attach_v1(client: Any, cb: Callbacks) -> None:
@@ -168,10 +162,14 @@ def _attach_v1(client: Any, cb: Callbacks) -> None:
     def on_publish(_client: Any, _userdata: Any, mid: int) -> None:
         cb.on_publish(mid)
 
+    _install(client, cb, on_connect, on_disconnect, on_publish)
+
+
+def _install(client: Any, cb: Callbacks, *callbacks: Callable[..., None]) -> None:
+    """Set the version's connect, disconnect and publish adapters; on_message is the same."""
+
     def on_message(_client: Any, _userdata: Any, message: Any) -> None:
         cb.on_message(message.topic, bytes(message.payload), bool(message.retain))
 
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
-    client.on_publish = on_publish
+    client.on_connect, client.on_disconnect, client.on_publish = callbacks
     client.on_message = on_message

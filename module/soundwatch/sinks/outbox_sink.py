@@ -34,7 +34,7 @@ from concurrent.futures import Future
 from datetime import datetime, timezone
 from typing import Any
 
-from soundwatch.config import OutboxConfig, ReconnectConfig
+from soundwatch.config import IotHubSinkConfig, MqttSinkConfig, OutboxConfig
 from soundwatch.events import Event, Message, State, wire_json
 from soundwatch.outbox import Dropped, Outbox, OutboxError, OutboxFull
 from soundwatch.sinks.base import Sink, SinkConfigError, SinkError, resolved, sink_error
@@ -88,17 +88,10 @@ class OutboxSink(Sink):
 
     destination = "the destination"
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        include_state: bool,
-        outbox: OutboxConfig,
-        reconnect: ReconnectConfig,
-        state_min_interval_s: float,
-    ) -> None:
-        super().__init__(name=name, include_state=include_state)
-        self.state_min_interval_s = state_min_interval_s
+    def __init__(self, config: MqttSinkConfig | IotHubSinkConfig) -> None:
+        super().__init__(name=config.name, include_state=config.include_state)
+        self.state_min_interval_s = config.state_min_interval_s
+        reconnect = config.reconnect
         self._backoff = Backoff(reconnect.min_delay_s, reconnect.max_delay_s)
         # Shared between the callers' threads and the worker.
         self._lock = threading.Lock()  # guards _futures
@@ -126,7 +119,7 @@ class OutboxSink(Sink):
         self._disconnects = 0
         self._connected_since: str | None = None
         self._last_disconnect: str | None = None
-        self.outbox = self._open_outbox(outbox)
+        self.outbox = self._open_outbox(config.outbox)
 
     def _open_outbox(self, config: OutboxConfig) -> Outbox:
         """Open (and lock) the outbox file; errors name this sink."""
