@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +41,16 @@ logger = logging.getLogger("soundwatch")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+
+# Options that had another name in one subcommand: the error says the one name.
+_RENAMED = {
+    "--token": "--http-token",
+    "--no-auth": "--http-no-auth",
+    "--max-upload-mb": "--http-max-upload-mb",
+    "--upload-timeout": "--http-upload-timeout",
+    "--classifiers": "--http-classifiers",
+}
 
 
 class UsageError(Exception):
@@ -533,7 +544,7 @@ def _subcommand(
     p: argparse.ArgumentParser = sub.add_parser(
         name,
         help=summary,
-        description=description,
+        description=textwrap.fill(description, 79),
         epilog=epilog,
         formatter_class=_Formatter,
         parents=list(parents),
@@ -783,7 +794,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     command = subs[args.command]
     if extra:
-        command.error(f"unrecognized arguments: {' '.join(extra)}")
+        hints = [f"{old} is now {new}" for old, new in _RENAMED.items() if old in extra]
+        command.error(
+            f"unrecognized arguments: {' '.join(extra)}" + "".join(f"; {h}" for h in hints)
+        )
     _setup_logging(args.verbose)
     try:
         code: int = args.func(args)
