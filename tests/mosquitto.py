@@ -449,7 +449,7 @@ def _parse_payload(text: str | None) -> Any:
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or deeper than the parser goes
         return text
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import threading
 import time
 import urllib.parse
@@ -40,7 +41,14 @@ pytest.importorskip("azure.iot.device")
 import paho.mqtt.client as paho
 
 from soundwatch.channels.iothub import IotHubChannel
-from soundwatch.config import Config, ConfigError, IotHubSinkConfig, apply_patch, validate
+from soundwatch.config import (
+    RESTART_ONLY,
+    Config,
+    ConfigError,
+    IotHubSinkConfig,
+    apply_patch,
+    validate,
+)
 from soundwatch.control import ControlPlane
 from soundwatch.decision import AnomalyEnded, AnomalyStarted
 from soundwatch.events import Event, EventFactory, Origin, SequenceCounter, State, to_wire
@@ -549,3 +557,58 @@ def test_reconnect_refetches_the_twin_and_delivers_events_from_the_outbox(
     assert hub.twin_gets > gets
     assert runtime.config.decision.cooldown_s == 3.0
     assert sink.health()["connects"] >= 2
+
+
+def test_the_real_runtime_takes_twin_patches_through_its_control_plane(
+    edge_env: None, hub: FakeHub, tmp_path: Path
+) -> None:
+    """Runtime wiring: the iothub sink from config, its channel, the runtime's control plane.
+
+    log_level applies live (the logger's level changes); a restart-only key is
+    rejected and reported, and nothing of that patch is applied.
+    """
+    from soundwatch.app import Runtime
+    from soundwatch.config import load_config
+    from tests.httpkit import bundle_dir, write_wav
+
+    wav = write_wav(tmp_path / "fan.wav", 12.0)
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "device_id": DEVICE,
+            "state_dir": str(tmp_path / "state"),
+            "model": {"bundle": str(bundle_dir())},
+            "source": {"type": "file", "path": str(wav)},
+            "sinks": [
+                {
+                    "type": "iothub",
+                    "connect_timeout_s": 3.0,
+                    "reconnect": {"min_delay_s": 0.2, "max_delay_s": 1.0},
+                }
+            ],
+        },
+    )
+    logger = logging.getLogger("soundwatch")
+    level = logger.level
+    runtime = Runtime(config)  # built, not run: the control plane is live already
+    try:
+        hub.wait_for(lambda: any(r["soundwatch"]["desired_version"] == 3 for r in hub.reported))
+        assert runtime.config.decision.confirm_k == 2  # the twin fetched on connect
+        hub.send_desired_patch({"log_level": "DEBUG"})
+        hub.wait_for(lambda: any(r["soundwatch"]["desired_version"] == 4 for r in hub.reported))
+        rep = next(r["soundwatch"] for r in hub.reported if r["soundwatch"]["desired_version"] == 4)
+        assert rep["status"] == "applied" and rep["config"]["log_level"] == "DEBUG"
+        assert logger.getEffectiveLevel() == logging.DEBUG
+        hub.send_desired_patch({"window": {"window_s": 5.0}, "decision": {"confirm_k": 1}})
+        hub.wait_for(lambda: any(r["soundwatch"]["desired_version"] == 5 for r in hub.reported))
+        rep = next(r["soundwatch"] for r in hub.reported if r["soundwatch"]["desired_version"] == 5)
+        assert rep["status"] == "rejected"
+        assert {"key": "window.window_s", "message": RESTART_ONLY} in rep["error"]["problems"]
+        assert runtime.config.window.window_s == 10.0 and runtime.config.decision.confirm_k == 2
+        health = runtime.health()["control"]
+        assert health["commands"]["iothub"] == {"applied": 2, "refused": 1}
+        assert health["channels"]["iothub"]["twin"]["rejected"] == 1
+    finally:
+        runtime.run(threading.Event())  # runs the short file, then closes channels and sinks
+        logger.setLevel(level)

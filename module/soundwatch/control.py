@@ -224,6 +224,25 @@ def check_nesting(doc: Any) -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
+# A dropped command's request_id is read only from a payload this small: a
+# flood of large documents must not be parsed on the thread that receives it.
+PEEK_BYTES = 4096
+
+
+def peek_request_id(payload: bytes) -> RequestId:
+    """The ``request_id`` of a small command document, for the answer to a dropped one.
+
+    Never raises; ``None`` for a large, malformed or bare document.
+    """
+    if len(payload) > PEEK_BYTES:
+        return None
+    try:
+        doc = parse_json(payload)
+        return request_id_of(doc) if isinstance(doc, Mapping) else None
+    except CommandError:
+        return None
+
+
 def request_id_of(doc: Mapping[str, Any]) -> RequestId:
     """The envelope's ``request_id``: a string or an integer, or ``None``."""
     rid = doc.get("request_id")
@@ -460,20 +479,29 @@ class ControlPlane:
             return self._busy(channel, origin, wait_s, "too many commands")
         return self._run(channel, origin, parse)
 
-    def submit(self, channel: str, origin: str, parse: Parse, reply: Reply) -> None:
+    def submit(
+        self,
+        channel: str,
+        origin: str,
+        parse: Parse,
+        reply: Reply,
+        request_id: Callable[[], RequestId] = lambda: None,
+    ) -> None:
         """Queue a command for the control thread, which parses and runs it and calls ``reply``.
 
-        Never blocks and never parses here: over the rate limit or with a full
-        queue, ``reply`` is called at once (on this thread) with status ``busy``.
+        Never blocks and does not parse here: over the rate limit or with a
+        full queue, ``reply`` is called at once (on this thread) with status
+        ``busy`` and what ``request_id`` (a cheap peek, see
+        :func:`peek_request_id`) finds.
         """
         wait_s = self._admit(channel)
         if wait_s > 0:
-            reply(self._busy(channel, origin, wait_s, "too many commands"))
+            reply(self._busy(channel, origin, wait_s, "too many commands", request_id()))
             return
         try:
             self._queue.put_nowait((channel, origin, parse, reply))
         except queue.Full:
-            reply(self._busy(channel, origin, 1.0, "the command queue is full"))
+            reply(self._busy(channel, origin, 1.0, "the command queue is full", request_id()))
 
     def health(self) -> dict[str, Any]:
         with self._lock:
@@ -494,7 +522,9 @@ class ControlPlane:
                 bucket = self._buckets[channel] = _Bucket(self._rate_per_s, self._burst)
             return bucket.take()
 
-    def _busy(self, channel: str, origin: str, wait_s: float, why: str) -> CommandResult:
+    def _busy(
+        self, channel: str, origin: str, wait_s: float, why: str, rid: RequestId = None
+    ) -> CommandResult:
         self._count(channel, "busy")
         retry = math.ceil(wait_s * 10) / 10
         logger.warning(
@@ -509,7 +539,7 @@ class ControlPlane:
             f"{why}: at most {self._rate_per_s:g} per second on {channel}, "
             f"bursts of {self._burst}; retry in {retry:g} s",
         )
-        return CommandResult("(not read)", "busy", problems=(problem,), retry_after_s=retry)
+        return CommandResult("(not read)", "busy", rid, problems=(problem,), retry_after_s=retry)
 
     def _serve(self) -> None:
         while True:

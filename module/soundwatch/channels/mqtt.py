@@ -32,6 +32,7 @@ from soundwatch.control import (
     ControlPlane,
     invalid,
     parse_json,
+    peek_request_id,
     request_from,
 )
 from soundwatch.sinks.mqtt import MqttSink
@@ -103,7 +104,7 @@ class MqttChannel:
                 )
             return request
 
-        self._control.submit(CHANNEL, origin, parse, reply)
+        self._control.submit(CHANNEL, origin, parse, reply, lambda: peek_request_id(payload))
 
     # -- answers (the control thread, or paho's for a dropped command) --------------------
 
