@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -341,3 +342,64 @@ def test_one_serializer_for_every_sink(tmp_path: Path) -> None:
         validate_event(m)  # typed messages validate too
     with pytest.raises(dataclasses.FrozenInstanceError):
         messages[0].seq = 5  # type: ignore[misc]
+
+
+GOLDEN = Path(__file__).parent / "data" / "wire-golden.jsonl"
+
+
+def _golden_messages() -> list[bytes]:
+    """A scripted stream through the decision stage and the factory, ids and clock fixed."""
+    counter = itertools.count(1)
+    new_id = lambda: str(uuid.UUID(int=next(counter), version=4))  # noqa: E731
+    levels = [LOUD, Level(-math.inf, -math.inf, False, True), Level(-3.0, 0.0, True, False)]
+    script = (
+        [probs()] * 3
+        + [probs(imbalance=0.9123456789)] * 5
+        + [probs(clogging=0.75, imbalance=0.2)] * 4
+        + [probs(voltage_change=0.97)] * 3
+        + [probs()] * 6
+    )
+    cfg = DecisionConfig.model_validate(
+        {
+            "thresholds": {c: {"on": 0.6, "off": 0.3} for c in SEED_CLASSES[1:]},
+            "confirm_k": 2,
+            "confirm_n": 3,
+            "warmup_windows": 1,
+            "cooldown_s": 5.0,
+        }
+    )
+    state = DecisionState(cfg, ModelClasses(SEED_CLASSES), new_anomaly_id=new_id)
+    fac = factory(SequenceCounter(None))
+    out: list[bytes] = []
+    original = events_mod.uuid.uuid4
+    events_mod.uuid.uuid4 = lambda: uuid.UUID(int=10**6 + next(counter), version=4)  # type: ignore[assignment]
+    try:
+        for i, p in enumerate(script):
+            w = WindowResult(
+                index=i,
+                start_s=i * 0.998458,
+                end_s=i * 0.998458 + 10.000001,
+                probabilities=p,
+                level=levels[i % 3 if i % 7 else 0],
+                captured_at=(T0 + 0.123456 + i) if i % 2 else None,
+            )
+            out.extend(wire_json(fac.build(o)) for o in state.update(w))
+        out.extend(wire_json(fac.build(o)) for o in state.finish())
+    finally:
+        events_mod.uuid.uuid4 = original  # type: ignore[assignment]
+    return out
+
+
+def test_the_wire_format_is_stable_byte_for_byte() -> None:
+    """Every byte of the published JSON, for a stream of states, starts, ends and changes.
+
+    Checked against main's dict-based messages when the typed events came in:
+    identical except Anomaly on anomaly_ended and Anomaly/Message on state,
+    changed on purpose. If a change here is on purpose too, rewrite the file
+    with ``SOUNDWATCH_WRITE_GOLDEN=1 pytest tests/test_events.py -k stable`` and
+    say so in the commit.
+    """
+    got = b"\n".join(_golden_messages()) + b"\n"
+    if os.environ.get("SOUNDWATCH_WRITE_GOLDEN"):
+        GOLDEN.write_bytes(got)
+    assert got == GOLDEN.read_bytes()
