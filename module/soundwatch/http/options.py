@@ -127,8 +127,13 @@ def http_options(
     classifiers: int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> HttpOptions:
-    """Validate the address and the HTTP options; raises :class:`HttpConfigError`."""
-    from soundwatch.http.app import MIB
+    """Validate the address and the HTTP options; raises :class:`HttpConfigError`.
+
+    An option left ``None`` takes the server's own default (``HttpSettings``,
+    ``ServerLimits``): each default is written once, there.
+    """
+    from soundwatch.http.app import DEFAULT_MAX_UPLOAD_BYTES, MIB
+    from soundwatch.http.server import DEFAULT_UPLOAD_TIMEOUT_S
 
     env = os.environ if env is None else env
     host, port = parse_address(address)
@@ -143,8 +148,12 @@ def http_options(
         host=host,
         port=port,
         token=token,
-        max_upload_bytes=round((max_upload_mb if max_upload_mb is not None else 32) * MIB),
-        upload_timeout_s=float(upload_timeout_s if upload_timeout_s is not None else 30.0),
+        max_upload_bytes=(
+            round(max_upload_mb * MIB) if max_upload_mb is not None else DEFAULT_MAX_UPLOAD_BYTES
+        ),
+        upload_timeout_s=(
+            upload_timeout_s if upload_timeout_s is not None else DEFAULT_UPLOAD_TIMEOUT_S
+        ),
         classifiers=int(classifiers if classifiers is not None else min(2, os.cpu_count() or 1)),
     )
 

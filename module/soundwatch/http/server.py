@@ -18,6 +18,10 @@ from waitress.server import create_server
 logger = logging.getLogger(__name__)
 
 
+# A connection that sends nothing for this long (mid-upload or idle keep-alive) is closed.
+DEFAULT_UPLOAD_TIMEOUT_S = 30.0
+
+
 class ServerError(RuntimeError):
     """The server could not start (address in use, bad host, ...)."""
 
@@ -29,7 +33,7 @@ class ServerLimits:
     max_request_bytes: int
     # A connection that sends nothing for this long (mid-upload or idle
     # keep-alive) is closed; a stalled upload so frees its socket.
-    upload_timeout_s: float = 30.0
+    upload_timeout_s: float = DEFAULT_UPLOAD_TIMEOUT_S
     # Worker threads running the app: uploads wait for a classifier anyway
     # (see HttpSettings.classifiers); extra threads keep /health answering
     # while uploads are being classified.

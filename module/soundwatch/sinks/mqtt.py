@@ -359,8 +359,9 @@ class MqttSink(OutboxSink):
             self._acks.put(mid)
         self._drain_acks()
 
-    def _join_timeout_s(self) -> float:
-        return _OFFLINE_ACK_WAIT_S + self.config.connect_timeout_s
+    def _join_timeout_s(self, left_s: float) -> float:
+        # The rest of the close timeout, and time for the last word ("offline").
+        return left_s + _OFFLINE_ACK_WAIT_S + 1.0
 
     # -- the connection (worker) -------------------------------------------------------
 

@@ -241,19 +241,20 @@ class OutboxSink(Sink):
             return
         if timeout_s is None:  # never wait forever for a destination that may be gone
             timeout_s = DEFAULT_CLOSE_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         flushed = self.flush(timeout_s)
         self._closed = True
         self._stop.set()
         self._wake.set()
         self._interrupt()
         if self._worker is not None:
-            self._worker.join(self._join_timeout_s())
+            self._worker.join(self._join_timeout_s(max(deadline - time.monotonic(), 0.0)))
             if self._worker.is_alive():
                 logger.warning("%s: worker did not stop in time", self.name)
         self._fail_unacknowledged(flushed)
 
-    def _join_timeout_s(self) -> float:
-        """How long ``close`` waits for the worker after flushing."""
+    def _join_timeout_s(self, left_s: float) -> float:
+        """How long ``close`` waits for the worker, with ``left_s`` of its timeout left."""
         return 5.0
 
     def health(self) -> dict[str, Any]:
