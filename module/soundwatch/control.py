@@ -64,7 +64,7 @@ DEFAULT_QUEUE = 32
 MAX_RECENT_EVENTS = 100
 DEFAULT_RECENT_EVENTS = 20
 
-Status = Literal["ok", "invalid", "unknown", "busy", "unavailable", "failed"]
+Status = Literal["ok", "invalid", "unknown", "busy", "failed"]
 RequestId = str | int | None
 
 
@@ -367,7 +367,7 @@ def _set_thresholds(target: ControlTarget, args: Any, origin: str) -> dict[str, 
     return {"applied": dict(thresholds), "thresholds": current, "config": config_report(config)}
 
 
-@command("getStatus", "health, model, config and counters", changes=False)
+@command("getStatus", "health, model, config, counters and the commands", changes=False)
 def _get_status(target: ControlTarget, args: Any, origin: str) -> dict[str, Any]:
     _object(args, "{}", empty_ok=True)
     return {
@@ -375,6 +375,7 @@ def _get_status(target: ControlTarget, args: Any, origin: str) -> dict[str, Any]
         "model": target.model_info(),
         "config": config_report(target.config),
         "counters": target.counters(),
+        "commands": {name: spec.summary for name, spec in sorted(COMMANDS.items())},
     }
 
 

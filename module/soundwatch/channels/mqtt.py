@@ -30,6 +30,7 @@ from soundwatch.control import (
     CommandRequest,
     CommandResult,
     ControlPlane,
+    Problem,
     invalid,
     parse_json,
     peek_request_id,
@@ -97,11 +98,8 @@ class MqttChannel:
             doc = parse_json(payload)
             request = request_from(doc, channel=CHANNEL, origin=origin, default_command=default)
             if default is not None and request.command != default:
-                raise CommandError(
-                    "invalid",
-                    list(invalid("command", f"use {self.topics['command']} for commands").problems),
-                    request.request_id,
-                )
+                problem = Problem("command", f"use {self.topics['command']} for commands")
+                raise CommandError("invalid", [problem], request.request_id)
             return request
 
         self._control.submit(CHANNEL, origin, parse, reply, lambda: peek_request_id(payload))
