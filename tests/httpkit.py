@@ -39,11 +39,9 @@ def bundle_dir() -> Path:
 
 def fan_clip(seconds: float, rate_hz: int = 16000, fault: str = "clogging") -> np.ndarray:
     """A MIMII-like fan clip from the simulator (deterministic)."""
-    from soundwatch import fansim
+    from soundwatch.sim import typical_clip
 
-    return fansim.synth_clip(
-        fansim.make_unit(7), fault, 10.0, seed=3, duration_s=seconds, sample_rate_hz=rate_hz
-    )
+    return typical_clip(7, fault, 10.0, seed=3, duration_s=seconds, sample_rate_hz=rate_hz)
 
 
 def write_wav(

@@ -3,7 +3,7 @@
 Two parts, one after the other:
 
 1. Per hop, in this process on one core (the runner pins the pools; TF and
-   LiteRT get one thread). A long fansim signal is fed hop by hop, as the
+   LiteRT get one thread). A long simulated fan signal is fed hop by hop, as the
    pipeline feeds it: soundwatch's incremental path (``ResampleChain`` on
    0.1 s blocks of 48 kHz capture, ``StreamingFeatures.push`` of one hop that
    completes one window, ``Classifier.predict``) against the seeds' path
@@ -42,7 +42,7 @@ TARGET_RSS = Target(on="soundwatch", op="<", value=100.0, unit="MB")
 CAPTURE_RATE_HZ = 48000  # the simulator's (and a typical USB microphone's) rate
 CAPTURE_BLOCK_S = 0.1  # the simulator source's block size
 HOP_S_NOMINAL = 1.0
-SIGNAL_CLIP_S = 30.0  # fansim audio made once and tiled; content does not change the cost
+SIGNAL_CLIP_S = 30.0  # simulator audio made once and tiled; content does not change the cost
 CPU_WINDOW_S = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -101,16 +101,11 @@ while True:
 
 
 def _capture_signal(seconds: float) -> np.ndarray:
-    """At least ``seconds`` of 48 kHz fan sound (fansim, one clip tiled)."""
-    from soundwatch import fansim
+    """At least ``seconds`` of 48 kHz fan sound (the simulator, one clip tiled)."""
+    from soundwatch.sim import typical_clip
 
-    clip = fansim.synth_clip(
-        fansim.make_unit(6, seed=0),
-        "normal",
-        6.0,
-        seed=0,
-        duration_s=SIGNAL_CLIP_S,
-        sample_rate_hz=CAPTURE_RATE_HZ,
+    clip = typical_clip(
+        7, "normal", 6.0, seed=0, duration_s=SIGNAL_CLIP_S, sample_rate_hz=CAPTURE_RATE_HZ
     )
     reps = int(np.ceil(seconds / SIGNAL_CLIP_S))
     return np.tile(np.asarray(clip, dtype=np.float32), reps)
@@ -264,7 +259,7 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
             f"push(one hop of {hop_text}) that completes one window: 43 new log-mel frames, "
             "the 4 edge frames, top_db clip, DCT, padding and the window's level; seeds' path: "
             "librosa.feature.mfcc(y=last 10 s, sr=22050, n_mfcc=40) + pad 2 + fit to 433. "
-            f"{hops} hops of a long fansim signal, alternating order, one core",
+            f"{hops} hops of a long simulated fan signal, alternating order, one core",
             TARGET_HOP_RATIO,
             extra,
         ),
@@ -530,7 +525,7 @@ def _sustained_rows(
     )
     seeds_text = (
         f"seeds: a `python -c` loop (SEEDS_LOOP_SCRIPT in tools/bench/stream.py) that "
-        f"every hop takes the last 10 s of fansim capture at 48 kHz (made ahead), "
+        f"every hop takes the last 10 s of simulated capture at 48 kHz (made ahead), "
         f"librosa.resample ({' -> '.join(str(r) for r in rates)} Hz), librosa mfcc + pad, "
         f"Keras model(x) of the seeds' CNN"
     )

@@ -101,23 +101,29 @@ class SimulatorSourceConfig(_Strict):
         "normal:20,imbalance:20,normal:15,clogging:20,normal:15,voltage_change:20",
         description="class:seconds,... played in a loop",
     )
-    unit: int = Field(6, ge=0, le=999, description="simulated fan unit id (6 = the held-out unit)")
+    unit: int = Field(
+        7, ge=0, le=999, description="simulated fan unit id (odd ids: units no model trained on)"
+    )
     snr_db: float = Field(6.0, ge=-20, le=40)
     seed: int = 0
     rate_hz: int = Field(48000, ge=8000, le=192000)
     realtime: bool = True
     loop: bool = True
     block_s: float = Field(0.1, gt=0, le=10)
+    ramp_s: float = Field(2.0, ge=0.02, le=30, description="how long a change of state takes")
+    events_per_min: float = Field(
+        0.0, ge=0, le=30, description="background events (knocks, beeper, truck, ...) per minute"
+    )
 
     @field_validator("schedule")
     @classmethod
     def _schedule_ok(cls, v: str) -> str:
-        from soundwatch.bundle import SEED_CLASSES
+        from soundwatch.sim.fan import STATES
 
         for part in v.split(","):
             name, _, secs = part.strip().partition(":")
-            if name not in SEED_CLASSES:
-                raise ValueError(f"unknown class {name!r} in schedule (one of {SEED_CLASSES})")
+            if name not in STATES:
+                raise ValueError(f"unknown state {name!r} in schedule (one of {', '.join(STATES)})")
             try:
                 if float(secs) <= 0:
                     raise ValueError

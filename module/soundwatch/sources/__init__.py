@@ -40,15 +40,5 @@ def open_source(config: SourceConfig) -> Source:
     if isinstance(config, SimulatorSourceConfig):
         from soundwatch.sources.simulator import SimulatorSource
 
-        # The simulator (being reworked as its own package) still takes keywords.
-        return SimulatorSource(
-            schedule=config.schedule,
-            unit_id=config.unit,
-            snr_db=config.snr_db,
-            seed=config.seed,
-            sample_rate_hz=config.rate_hz,
-            realtime=config.realtime,
-            loop=config.loop,
-            block_s=config.block_s,
-        )
+        return SimulatorSource(config)
     raise SourceError(f"unknown source config {type(config).__name__}")
