@@ -1,4 +1,4 @@
-"""Incremental features equal the offline features of the same 10 s clip."""
+"""Incremental features equal the offline features of the same 10 s clip: MFCCs and physics."""
 
 from __future__ import annotations
 
@@ -50,7 +50,11 @@ def test_windows_equal_offline_clip_features(fx: FeatureExtractor, block: int) -
         assert w.index == k
         assert w.start_sample == k * 22016 and w.end_sample == w.start_sample + 220500
         clip = y[w.start_sample : w.end_sample]
-        np.testing.assert_allclose(w.features, fx.model_input(clip), rtol=0, atol=ATOL)
+        np.testing.assert_allclose(w.features.mfcc, fx.model_input(clip), rtol=0, atol=ATOL)
+        offline = fx.analyse(clip)
+        np.testing.assert_allclose(w.features.mfcc, offline.mfcc, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(w.features.physics, offline.physics, rtol=0, atol=1e-3)
+        assert w.features.quality == offline.quality
 
 
 def test_block_size_does_not_change_features(fx: FeatureExtractor) -> None:
@@ -58,14 +62,21 @@ def test_block_size_does_not_change_features(fx: FeatureExtractor) -> None:
     runs = []
     for block in (256, 1024, 4410, 48000):
         sf = StreamingFeatures(fx, hop_frames=43)
-        runs.append(np.stack([w.features for w in _feed(sf, y, block)]))
-    for r in runs[1:]:
-        np.testing.assert_array_equal(r, runs[0])
+        windows = _feed(sf, y, block)
+        runs.append(
+            (
+                np.stack([w.features.mfcc for w in windows]),
+                np.stack([w.features.physics for w in windows]),
+            )
+        )
+    for mfcc, physics in runs[1:]:
+        np.testing.assert_array_equal(mfcc, runs[0][0])
+        np.testing.assert_array_equal(physics, runs[0][1])
 
 
 def test_hop_is_whole_frames() -> None:
     assert hop_frames_for(1.0, SR, 512) == 43  # 0.998 s
-    assert hop_frames_for(10.0, SR, 512) == 431  # non-overlapping, as the seeds
+    assert hop_frames_for(10.0, SR, 512) == 431  # non-overlapping, as the reference service
     assert hop_frames_for(0.001, SR, 512) == 1
 
 
@@ -90,7 +101,8 @@ def test_discontinuity_resets_and_positions_follow_the_source(fx: FeatureExtract
     assert len(second) == len(first)
     assert second[0].start_sample == later
     assert second[0].index == len(first)  # indices keep counting
-    np.testing.assert_array_equal(second[0].features, first[0].features)
+    np.testing.assert_array_equal(second[0].features.mfcc, first[0].features.mfcc)
+    np.testing.assert_array_equal(second[0].features.physics, first[0].features.physics)
 
 
 def test_level_flags() -> None:

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from soundwatch.physics import LOW_BINS, PhysicsExtractor, Signature
+
 F32 = npt.NDArray[np.float32]
 _BLOCK_FRAMES = 128
 F64 = npt.NDArray[np.float64]
@@ -148,6 +150,11 @@ class FeatureExtractor:
         self._mel_t = np.ascontiguousarray(spec.mel_basis.T, dtype=np.float32)
         self._dct = np.asarray(spec.dct_matrix, dtype=np.float64)
         self._log_amin = 10.0 * math.log10(spec.amin)
+        freqs = np.fft.rfftfreq(spec.n_fft, 1.0 / spec.sample_rate_hz)
+        weights = spec.mel_basis.astype(np.float64)
+        centres = (weights @ freqs) / np.maximum(weights.sum(axis=1), 1e-12)
+        self._physics: dict[int, PhysicsExtractor] = {}
+        self._mel_centres_hz = centres
 
     def log_mel(self, padded: npt.NDArray[np.floating[Any]]) -> F64:
         """dB mel frames ``(frames, n_mels)`` of every full frame in a padded signal.
@@ -157,11 +164,25 @@ class FeatureExtractor:
         clip, so frames computed separately (as the streaming runtime does,
         hop by hop) are identical to frames computed together.
         """
+        return self.frames(padded, 0)[0]
+
+    def frames(
+        self, padded: npt.NDArray[np.floating[Any]], low_bins: int
+    ) -> tuple[F64, npt.NDArray[np.complex64]]:
+        """:meth:`log_mel` and the first ``low_bins`` complex STFT bins of the same frames.
+
+        The low bins feed the fine spectrum of :mod:`soundwatch.physics`: one
+        STFT serves both.
+        """
         spec = self.spec
         if padded.shape[0] < spec.n_fft:
-            return np.zeros((0, spec.n_mels), dtype=np.float64)
+            return (
+                np.zeros((0, spec.n_mels), dtype=np.float64),
+                np.zeros((0, low_bins), dtype=np.complex64),
+            )
         frames = np.lib.stride_tricks.sliding_window_view(padded, spec.n_fft)[:: spec.hop_length]
         out = np.empty((frames.shape[0], spec.n_mels), dtype=np.float64)
+        low = np.empty((frames.shape[0], low_bins), dtype=np.complex64)
         # Blocks of frames keep the working set in cache; that is ~30 % faster
         # than one pass over the whole window.
         for start in range(0, frames.shape[0], _BLOCK_FRAMES):
@@ -173,7 +194,8 @@ class FeatureExtractor:
             # librosa applies the mel basis in float32 too.
             mel = power.astype(np.float32) @ self._mel_t
             out[start : start + block.shape[0]] = 10.0 * np.log10(np.maximum(mel, spec.amin))
-        return out
+            low[start : start + block.shape[0]] = spectrum[:, :low_bins]
+        return out, low
 
     def mfcc_from_log_mel(self, log_mel: F64) -> F32:
         """MFCCs ``(n_mfcc, frames)`` from time-major dB mel frames.
@@ -201,8 +223,160 @@ class FeatureExtractor:
         return self.mfcc_from_log_mel(self.log_mel(self.pad_signal(samples)))
 
     def model_input(self, y: npt.NDArray[np.floating[Any]]) -> F32:
-        """The seeds' model input ``(n_mfcc, n_frames)``: MFCCs padded and cut."""
+        """The reference service's model input ``(n_mfcc, n_frames)``: MFCCs padded and cut."""
         return fit_frames(self.mfcc(y), self.spec)
+
+    @property
+    def window_samples(self) -> int:
+        """Samples of one model window: the reference service's 10 s clip, as long as it
+        gives the frames the model takes (431 at 22.05 kHz, hop 512)."""
+        spec = self.spec
+        longest = (spec.n_frames - spec.pad_columns) * spec.hop_length - 1
+        return min(round(CLIP_S * spec.sample_rate_hz), longest)
+
+    def interior(self, n_frames: int) -> slice:
+        """The frames of a window whose STFT sees no padding (centred frames)."""
+        half = self.spec.n_fft // 2 if self.spec.center else 0
+        left = -(-half // self.spec.hop_length)
+        return slice(left, n_frames - left)
+
+    def analyse(self, y: npt.NDArray[np.floating[Any]]) -> WindowFeatures:
+        """One window's features from a clip: its first window's worth, a short clip looped.
+
+        The same arithmetic as each streaming window (:meth:`window_features`).
+        """
+        samples = _as_mono_float(y)
+        n = self.window_samples
+        real_s = samples.shape[0] / self.spec.sample_rate_hz
+        repeated = 0 < samples.shape[0] < n
+        window = loop_fill(samples, n, self.spec.sample_rate_hz) if repeated else samples[:n]
+        if window.shape[0] < n:  # empty input
+            window = np.zeros(n, dtype=np.float32)
+        log_mel, low = self.frames(self.pad_signal(window), LOW_BINS)
+        features = self.window_features(log_mel, low[self.interior(len(low))], window)
+        if repeated:
+            q = features.quality
+            quality = Quality(min(q.valid_s, real_s), q.dead_frames, q.clipped_fraction, True)
+            features = WindowFeatures(features.mfcc, features.signature, quality)
+        return features
+
+    def window_features(
+        self,
+        log_mel: F64,
+        low_interior: npt.NDArray[np.complex64],
+        samples: npt.NDArray[np.floating[Any]],
+    ) -> WindowFeatures:
+        """Features of one window from its frames (log-mel of every frame, low STFT bins of
+        the interior ones) and its samples."""
+        repaired, n_dead = repair_dead_frames(log_mel)
+        mfcc = fit_frames(self.mfcc_from_log_mel(repaired), self.spec)
+        physics = self._physics.get(low_interior.shape[0])
+        if physics is None:
+            spec = self.spec
+            physics = PhysicsExtractor(
+                spec.sample_rate_hz, spec.n_fft, spec.hop_length, self._mel_centres_hz,
+                low_interior.shape[0],
+            )
+            self._physics[low_interior.shape[0]] = physics
+        signature = physics.signature(low_interior, repaired)
+        frame_s = self.spec.hop_length / self.spec.sample_rate_hz
+        clipped = float(np.count_nonzero(np.abs(samples) >= CLIPPED_LEVEL)) / max(1, samples.shape[0])
+        quality = Quality(
+            valid_s=round((log_mel.shape[0] - n_dead) * frame_s, 3),
+            dead_frames=n_dead,
+            clipped_fraction=round(clipped, 5),
+        )
+        return WindowFeatures(mfcc, signature, quality)
+
+
+# -- one window's features -----------------------------------------------------
+
+#: The reference service's clips were 10 s long: a window is that much audio.
+CLIP_S = 10.0
+
+#: A frame is dead (a dropout, digital silence, the fill after a short clip)
+#: when its loudest mel band is below this, or this far below the window's
+#: median frame.
+DEAD_FRAME_DBFS = -95.0
+DEAD_FRAME_BELOW_MEDIAN_DB = 50.0
+#: A sample at or above this magnitude counts as clipped (resampling rings a
+#: clipped plateau a little below full scale).
+CLIPPED_LEVEL = 0.95
+#: Below this much usable audio a window has no verdict.
+MIN_VALID_S = 3.0
+#: Above this share of clipped samples a window has no verdict.
+MAX_CLIPPED_FRACTION = 0.02
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How much of a window is usable audio.
+
+    ``valid_s``: seconds of audio that is neither dead (dropout, silence,
+    the fill after a short clip) nor missing; ``repeated``: a short clip was
+    looped to fill the window.
+    """
+
+    valid_s: float
+    dead_frames: int
+    clipped_fraction: float
+    repeated: bool = False
+
+    @property
+    def problem(self) -> str | None:
+        """Why the window cannot be judged, or None."""
+        if self.valid_s < MIN_VALID_S:
+            return f"only {self.valid_s:.1f} s of usable audio (at least {MIN_VALID_S:g} s needed)"
+        if self.clipped_fraction > MAX_CLIPPED_FRACTION:
+            return f"{100 * self.clipped_fraction:.1f} % of the samples are clipped"
+        return None
+
+
+@dataclass(frozen=True)
+class WindowFeatures:
+    """Everything the model sees of one window: MFCCs, the physics, and its quality."""
+
+    mfcc: F32 = field(repr=False)
+    signature: Signature
+    quality: Quality
+
+    @property
+    def physics(self) -> F32:
+        return self.signature.vector()
+
+
+def repair_dead_frames(log_mel: F64) -> tuple[F64, int]:
+    """Dead frames replaced by the window's live frames, in order, repeated as needed.
+
+    A dropout or the silence after a short clip is not the machine: its
+    frames would read as a sudden collapse of every band. Returns the
+    frames and how many were dead (all live: unchanged, no copy).
+    """
+    level = log_mel.max(axis=1)
+    floor = max(DEAD_FRAME_DBFS, float(np.median(level)) - DEAD_FRAME_BELOW_MEDIAN_DB)
+    dead = level < floor
+    n_dead = int(dead.sum())
+    if n_dead == 0 or n_dead == len(level):
+        return log_mel, n_dead
+    live = np.flatnonzero(~dead)
+    out = log_mel.copy()
+    out[dead] = log_mel[live[np.arange(n_dead) % live.size]]
+    return out, n_dead
+
+
+def loop_fill(y: npt.NDArray[np.floating[Any]], n: int, sample_rate_hz: int) -> F32:
+    """A short clip repeated to ``n`` samples, each join crossfaded over 20 ms."""
+    y = np.asarray(y, dtype=np.float32)
+    if y.size >= n:
+        return y[:n]
+    fade = min(y.size // 4, round(0.02 * sample_rate_hz))
+    if fade < 1:
+        return np.resize(y, n).astype(np.float32)
+    ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
+    period = y[fade:].copy()
+    period[-fade:] = y[-fade:] * (1.0 - ramp) + y[:fade] * ramp
+    body = np.concatenate([y[:fade], np.resize(period, n - fade)])
+    return body[:n].astype(np.float32)
 
 
 def fit_frames(mfcc: F32, spec: FeatureSpec) -> F32:

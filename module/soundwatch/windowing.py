@@ -28,7 +28,8 @@ import numpy as np
 import numpy.typing as npt
 
 from soundwatch.audio import CLIP_PEAK_DBFS, dbfs
-from soundwatch.features import FeatureExtractor, fit_frames
+from soundwatch.features import FeatureExtractor, WindowFeatures
+from soundwatch.physics import LOW_BINS
 from soundwatch.stream_types import AudioBlock, Level
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class FeatureWindow:
     start_sample: int
     end_sample: int
     sample_rate_hz: int
-    features: npt.NDArray[np.float32] = field(repr=False)
+    features: WindowFeatures = field(repr=False)
     level: Level
     captured_at: float | None = None
     # The window's audio at the model rate, kept for recording event windows.
@@ -128,6 +129,8 @@ class StreamingFeatures:
         # Log-mel ring of stream frames: frame f of the segment is centred at
         # sample f * hop_length and kept at row f % ring.
         self._ring = np.zeros((self._ring_frames, self._fx.spec.n_mels), dtype=np.float64)
+        # The low STFT bins of the same frames, for the fine spectrum (physics).
+        self._ring_low = np.zeros((self._ring_frames, LOW_BINS), dtype=np.complex64)
         self._next_frame = 0
         self._next_window = 0
         self._captured_at: float | None = None
@@ -193,8 +196,11 @@ class StreamingFeatures:
             if last * self._hop_len + self._half > self._n:
                 return
             start = first * self._hop_len - self._half
-            log_mel = self._fx.log_mel(self._segment(start, last * self._hop_len + self._half))
-            self._ring[np.arange(first, last + 1) % self._ring_frames] = log_mel
+            segment = self._segment(start, last * self._hop_len + self._half)
+            log_mel, low = self._fx.frames(segment, LOW_BINS)
+            rows = np.arange(first, last + 1) % self._ring_frames
+            self._ring[rows] = log_mel
+            self._ring_low[rows] = low
             self._next_frame = last + 1
 
     def _emit_windows(self) -> list[FeatureWindow]:
@@ -217,7 +223,8 @@ class StreamingFeatures:
         frames[: self._left] = self._fx.log_mel(padded[: (self._left - 1) * hop + 2 * self._half])
         tail = padded[(self._right + 1) * hop :]
         frames[self._right + 1 :] = self._fx.log_mel(tail)[: self.window_frames - self._right - 1]
-        features = fit_frames(self._fx.mfcc_from_log_mel(frames), self._fx.spec)
+        low = self._ring_low[interior % self._ring_low.shape[0]]
+        features = self._fx.window_features(frames, low, samples)
         self._window_index += 1
         return FeatureWindow(
             index=self._window_index - 1,
