@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import soundwatch.events as events_mod
-from soundwatch.bundle import SEED_CLASSES, SEED_MESSAGES, ClassInfo
+from soundwatch.bundle import REFERENCE_CLASSES, REFERENCE_MESSAGES, ClassInfo
 from soundwatch.config import DecisionConfig
 from soundwatch.decision import DecisionState, ModelClasses, WindowResult
 from soundwatch.events import (
@@ -42,7 +42,7 @@ NOW = 1_700_000_100.25
 
 
 def probs(**faults: float) -> tuple[float, ...]:
-    values = [faults.get(c, 0.0) for c in SEED_CLASSES]
+    values = [faults.get(c, 0.0) for c in REFERENCE_CLASSES]
     values[0] = max(0.0, 1.0 - sum(values[1:]))
     return tuple(values)
 
@@ -63,8 +63,8 @@ def factory(sequence: SequenceCounter) -> EventFactory:
         "fan-line-1",
         "soundwatch",
         "fan@1.0.0",
-        SEED_CLASSES,
-        SEED_MESSAGES,
+        REFERENCE_CLASSES,
+        REFERENCE_MESSAGES,
         sequence,
         clock=lambda: NOW,
     )
@@ -74,14 +74,14 @@ def scripted_messages(fac: EventFactory, *, wall: bool = True) -> list[dict[str,
     """Two anomalies (one ended by a class change, one by stream end) and their states."""
     cfg = DecisionConfig.model_validate(
         {
-            "thresholds": {c: {"on": 0.6, "off": 0.3} for c in SEED_CLASSES[1:]},
+            "thresholds": {c: {"on": 0.6, "off": 0.3} for c in REFERENCE_CLASSES[1:]},
             "confirm_k": 2,
             "confirm_n": 3,
             "warmup_windows": 1,
             "cooldown_s": 30.0,
         }
     )
-    state = DecisionState(cfg, ModelClasses(SEED_CLASSES))
+    state = DecisionState(cfg, ModelClasses(REFERENCE_CLASSES))
     script = (
         [probs()] * 3
         + [probs(imbalance=0.9)] * 4
@@ -126,7 +126,7 @@ def test_anomaly_event_fields(tmp_path: Path) -> None:
     # The end leaves the machine without an anomaly: never "Anomaly": true (on purpose).
     assert started["Anomaly"] is True and ended["Anomaly"] is False
     assert started["Message"] == "Component is imbalanced"
-    assert list(started["Probabilities"]) == list(SEED_CLASSES)
+    assert list(started["Probabilities"]) == list(REFERENCE_CLASSES)
     assert started["Probabilities"]["imbalance"] == started["probability_mean"]
     assert (started["device_id"], started["module_id"]) == ("fan-line-1", "soundwatch")
     assert started["model_version"] == "fan@1.0.0"
@@ -252,7 +252,7 @@ def test_counter_keeps_counting_when_it_cannot_persist(
 
 def test_level_floor_and_probability_clamp() -> None:
     fac = factory(SequenceCounter(None))
-    state = DecisionState(DecisionConfig(), ModelClasses(SEED_CLASSES))
+    state = DecisionState(DecisionConfig(), ModelClasses(REFERENCE_CLASSES))
     silent = Level(rms_dbfs=-math.inf, peak_dbfs=-math.inf, clipping=False, silent=True)
     w = WindowResult(0, 0.0, 10.0, (1.0000004, 0.0, 0.0, 0.0), silent, None)
     (msg,) = [to_wire(fac.build(o)) for o in state.update(w)]
@@ -294,9 +294,9 @@ def test_validation_names_what_is_wrong(tmp_path: Path) -> None:
 
 
 def test_factory_from_bundle_and_its_checks() -> None:
-    classes = tuple(ClassInfo(c, SEED_MESSAGES[c], c != "normal") for c in SEED_CLASSES)
+    classes = tuple(ClassInfo(c, REFERENCE_MESSAGES[c], c != "normal") for c in REFERENCE_CLASSES)
     bundle: Any = SimpleNamespace(
-        classes=classes, class_names=SEED_CLASSES, model_version="fan@2.0.0", name="fan"
+        classes=classes, class_names=REFERENCE_CLASSES, model_version="fan@2.0.0", name="fan"
     )
     fac = EventFactory.from_bundle(bundle, "dev", "mod", SequenceCounter(None))
     msg = scripted_messages(fac)[0]
@@ -304,14 +304,14 @@ def test_factory_from_bundle_and_its_checks() -> None:
     with pytest.raises(ValueError, match="no message for classes"):
         EventFactory("d", "m", "v", ("normal", "x"), {"normal": "ok"}, SequenceCounter(None))
     with pytest.raises(ValueError, match="device_id must not be empty"):
-        EventFactory("", "m", "v", SEED_CLASSES, SEED_MESSAGES, SequenceCounter(None))
+        EventFactory("", "m", "v", REFERENCE_CLASSES, REFERENCE_MESSAGES, SequenceCounter(None))
 
 
 def test_state_says_anomaly_only_for_a_confirmed_anomaly(tmp_path: Path) -> None:
     """A single window's vote is `vote`; `Anomaly` is the confirmed, active anomaly (on purpose)."""
     fac = factory(SequenceCounter(None))
     cfg = DecisionConfig.model_validate({"confirm_k": 2, "confirm_n": 3})
-    state = DecisionState(cfg, ModelClasses(SEED_CLASSES, "normal", {"imbalance": 0.6}))
+    state = DecisionState(cfg, ModelClasses(REFERENCE_CLASSES, "normal", {"imbalance": 0.6}))
     first, second = (
         [to_wire(fac.build(o)) for o in state.update(window(i, probs(imbalance=0.9)))]
         for i in range(2)
@@ -332,7 +332,7 @@ def test_one_serializer_for_every_sink(tmp_path: Path) -> None:
     """Typed messages from the factory; their wire bytes are exactly compact JSON of to_wire."""
     fac = factory(SequenceCounter(None))
     cfg = DecisionConfig.model_validate({"confirm_k": 1, "confirm_n": 1})
-    state = DecisionState(cfg, ModelClasses(SEED_CLASSES))
+    state = DecisionState(cfg, ModelClasses(REFERENCE_CLASSES))
     outputs = [*state.update(window(0, probs(clogging=0.95))), *state.finish()]
     messages = [fac.build(o) for o in outputs]
     assert [type(m) for m in messages] == [Event, State, Event]
@@ -361,14 +361,14 @@ def _golden_messages() -> list[bytes]:
     )
     cfg = DecisionConfig.model_validate(
         {
-            "thresholds": {c: {"on": 0.6, "off": 0.3} for c in SEED_CLASSES[1:]},
+            "thresholds": {c: {"on": 0.6, "off": 0.3} for c in REFERENCE_CLASSES[1:]},
             "confirm_k": 2,
             "confirm_n": 3,
             "warmup_windows": 1,
             "cooldown_s": 5.0,
         }
     )
-    state = DecisionState(cfg, ModelClasses(SEED_CLASSES), new_anomaly_id=new_id)
+    state = DecisionState(cfg, ModelClasses(REFERENCE_CLASSES), new_anomaly_id=new_id)
     fac = factory(SequenceCounter(None))
     out: list[bytes] = []
     original = events_mod.uuid.uuid4

@@ -286,14 +286,16 @@ class Runtime:
 
     def _on_window(self, window: FeatureWindow) -> None:
         t0 = time.perf_counter()
-        probs = self.classifier.predict(window.features)
+        prediction = self.classifier.predict(window.features)
         t1 = time.perf_counter()
         self.stats.observe("inference", t1 - t0)
         result = WindowResult(
             index=window.index,
             start_s=window.start_s,
             end_s=window.end_s,
-            probabilities=tuple(float(p) for p in probs),
+            # A window the model cannot judge keeps its class probabilities
+            # only in proportion: what is unknown votes for no fault.
+            probabilities=prediction.distribution[:-1],
             level=window.level,
             captured_at=window.captured_at,
         )

@@ -1,6 +1,6 @@
 """Decoding audio files into mono float32 at the model's rate.
 
-This is what the seeds did with ``librosa.load(path, sr=22050)``: read,
+This is what the reference service did with ``librosa.load(path, sr=22050)``: read,
 average the channels, resample with soxr's HQ filter. Bad input becomes an
 :class:`AudioError` that says what is wrong with it.
 """
@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 # carries no sound a model could classify.
 SILENCE_PEAK_DBFS = -90.0
 CLIP_PEAK_DBFS = -0.1
+# Float files may go past ±1; this far past it the level is surely wrong.
+FLOAT_FULL_SCALE = 1.5
 
 
 class AudioError(ValueError):
@@ -41,6 +43,9 @@ class Clip:
     channels: int
     source_duration_s: float
     format: str
+    # Things about the input a person should know (e.g. float samples beyond
+    # full scale); shown with the verdict, never fatal.
+    notes: tuple[str, ...] = ()
 
     @property
     def duration_s(self) -> float:
@@ -65,6 +70,7 @@ def decode_audio(
     band-limits input that is faster than it (see ``FeatureSpec.train_rate_hz``).
     Raises :class:`AudioError` for unreadable, empty, silent or non-finite input.
     """
+    _check_exists(source)
     handle: str | BinaryIO = (
         io.BytesIO(source)
         if isinstance(source, bytes)
@@ -75,10 +81,13 @@ def decode_audio(
     try:
         with sf.SoundFile(handle) as f:
             rate, channels, total, fmt = f.samplerate, f.channels, f.frames, f.format
+            subtype = f.subtype
             limit = total if max_seconds is None else min(total, math.ceil(max_seconds * rate))
             data = f.read(frames=limit, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"cannot decode audio: {e}") from e
+        raise AudioError(
+            f"not audio libsndfile can read (WAV, FLAC, OGG, AIFF, ...): {_reason(e)}"
+        ) from e
     if data.shape[0] == 0:
         raise AudioError("audio is empty (0 samples)")
     if not np.all(np.isfinite(data)):
@@ -87,6 +96,12 @@ def decode_audio(
     peak = float(np.max(np.abs(mono)))
     if dbfs(peak) < SILENCE_PEAK_DBFS:
         raise AudioError(f"audio is silent (peak {dbfs(peak):.1f} dBFS)")
+    notes: list[str] = []
+    if subtype in ("FLOAT", "DOUBLE") and peak > FLOAT_FULL_SCALE:
+        notes.append(
+            f"float samples reach {peak:.3g}, far beyond full scale (±1): the file's level "
+            "is probably not what the recording had"
+        )
     if via_rate_hz is not None and rate > via_rate_hz:
         mono, rate_now = resample(mono, rate, via_rate_hz), via_rate_hz
     else:
@@ -99,7 +114,35 @@ def decode_audio(
         channels=channels,
         source_duration_s=total / rate if total >= 0 else math.nan,
         format=fmt,
+        notes=tuple(notes),
     )
+
+
+def _check_exists(source: str | Path | bytes | BinaryIO) -> None:
+    """Name the real cause for a missing, empty or odd file, before libsndfile guesses."""
+    if isinstance(source, bytes):
+        if not source:
+            raise AudioError("empty upload (0 bytes)")
+        return
+    if not isinstance(source, (str, Path)):
+        return
+    path = Path(source)
+    if not path.exists():
+        raise AudioError(f"no such file: {path}")
+    if path.is_dir():
+        raise AudioError(f"{path} is a directory, not an audio file")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise AudioError(f"cannot read {path}: {e.strerror}") from e
+    if size == 0:
+        raise AudioError(f"empty file (0 bytes): {path}")
+
+
+def _reason(error: Exception) -> str:
+    """libsndfile's message without its boilerplate ("Error opening ...: ")."""
+    text = str(error)
+    return text.split(": ", 1)[-1] if text.startswith("Error opening") else text
 
 
 def resample(

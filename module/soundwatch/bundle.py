@@ -2,11 +2,14 @@
 
 A bundle is a directory::
 
-    bundle.json     format, classes and messages, feature spec scalars,
-                    model input/output contract, thresholds, provenance, metrics
+    bundle.json     format, classes and messages, feature spec scalars, the
+                    physics features' version and names, the model's two inputs,
+                    the rule for "unknown", thresholds, provenance, metrics
     model.tflite    the int8 model
-    features.npz    mel_basis, dct_matrix (made by librosa at export time)
-                    and, optionally, per-coefficient input_mean / input_std
+    features.npz    mel_basis, dct_matrix (made by librosa at export time),
+                    per-coefficient input_mean / input_std, physics_mean /
+                    physics_std, and the training world's typical windows
+                    per class (typical_mean, typical_precision) for "unknown"
 
 The loader checks the files against the hashes in ``bundle.json`` and the
 arrays against the declared spec, so a corrupt or mismatched bundle is refused
@@ -29,21 +32,25 @@ import numpy as np
 import numpy.typing as npt
 
 from soundwatch.features import FeatureSpec, FeatureSpecError
+from soundwatch.physics import FEATURE_NAMES, PHYSICS_VERSION
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "soundwatch-bundle/1"
+BUNDLE_FORMAT = "soundwatch-bundle/2"
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "models" / "fan"
 
-# The seeds' class order and messages; kept here so that the training export
-# and any tooling agree on them.
-SEED_CLASSES: tuple[str, ...] = ("normal", "imbalance", "clogging", "voltage_change")
-SEED_MESSAGES: dict[str, str] = {
+# The reference service's class order and messages; kept here so that the
+# training export and any tooling agree on them.
+REFERENCE_CLASSES: tuple[str, ...] = ("normal", "imbalance", "clogging", "voltage_change")
+REFERENCE_MESSAGES: dict[str, str] = {
     "normal": "Component OK",
     "imbalance": "Component is imbalanced",
     "clogging": "Component is clogged",
     "voltage_change": "Voltage change",
 }
+#: The verdict for a window unlike anything the model knows, or one it cannot judge.
+UNKNOWN = "unknown"
+UNKNOWN_MESSAGE = "Sound unlike anything the model knows"
 
 
 class BundleError(ValueError):
@@ -57,6 +64,31 @@ class ClassInfo:
     name: str
     message: str
     anomaly: bool
+
+
+@dataclass(frozen=True)
+class Typical:
+    """What windows of each class look like in training, to tell when one looks like none.
+
+    The distance is Mahalanobis (one shared, shrunk within-class covariance)
+    from the window's standardised physics and normalised MFCC means to the
+    training mean of the class the model chose. Each class's ``threshold``
+    is a high quantile of its own training windows' distances; ``unknown``
+    rises from 0 there to 1 at ``threshold + ramp``.
+    """
+
+    means: npt.NDArray[np.float64] = field(repr=False)  # (classes, dims)
+    precision: npt.NDArray[np.float64] = field(repr=False)
+    thresholds: tuple[float, ...]
+    ramps: tuple[float, ...]
+
+    def distance(self, embedding: npt.NDArray[np.float32], class_index: int) -> float:
+        d = embedding.astype(np.float64) - self.means[class_index]
+        return float(np.sqrt(max(0.0, float(d @ self.precision @ d))))
+
+    def unknown(self, distance: float, class_index: int) -> float:
+        over = (distance - self.thresholds[class_index]) / self.ramps[class_index]
+        return float(min(1.0, max(0.0, over)))
 
 
 @dataclass(frozen=True)
@@ -74,6 +106,9 @@ class Bundle:
     output_dtype: str
     input_mean: npt.NDArray[np.float32] | None = field(default=None, repr=False)
     input_std: npt.NDArray[np.float32] | None = field(default=None, repr=False)
+    physics_mean: npt.NDArray[np.float32] | None = field(default=None, repr=False)
+    physics_std: npt.NDArray[np.float32] | None = field(default=None, repr=False)
+    typical: Typical | None = None
     thresholds: Mapping[str, float] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
@@ -97,7 +132,11 @@ class Bundle:
             "classes": [c.name for c in self.classes],
             "messages": {c.name: c.message for c in self.classes},
             "feature_spec": self.spec.scalars(),
+            "physics": {"version": PHYSICS_VERSION, "names": list(FEATURE_NAMES)},
             "input_normalisation": self.input_mean is not None,
+            "unknown": None
+            if self.typical is None
+            else {"thresholds": list(self.typical.thresholds), "ramps": list(self.typical.ramps)},
             "thresholds": dict(self.thresholds),
             "provenance": dict(self.provenance),
             "metrics": dict(self.metrics),
@@ -132,7 +171,18 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
     where = str(meta_path)
     fmt = _require(doc, "format", str, where)
     if fmt != BUNDLE_FORMAT:
-        raise BundleError(f"{where}: format {fmt!r} is not {BUNDLE_FORMAT!r}")
+        raise BundleError(
+            f"{where}: format {fmt!r} is not {BUNDLE_FORMAT!r} (a bundle from another "
+            "soundwatch version: retrain it with this one, or use the shipped bundle)"
+        )
+    physics_doc = _require(doc, "physics", dict, where)
+    if physics_doc.get("version") != PHYSICS_VERSION or physics_doc.get("names") != list(
+        FEATURE_NAMES
+    ):
+        raise BundleError(
+            f"{where}: physics features version {physics_doc.get('version')!r} differ from this "
+            f"soundwatch's ({PHYSICS_VERSION}): the model was trained on other inputs; retrain it"
+        )
 
     model_doc = _require(doc, "model", dict, where)
     model_path = root / _require(model_doc, "file", str, f"{where}: model")
@@ -177,6 +227,16 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
         if np.any(std <= 0):
             raise BundleError(f"{feat_path}: input_std must be positive")
 
+    physics_mean, physics_std = arrays.get("physics_mean"), arrays.get("physics_std")
+    n_physics = len(FEATURE_NAMES)
+    for name, arr in (("physics_mean", physics_mean), ("physics_std", physics_std)):
+        if arr is None or arr.shape != (n_physics,) or not np.all(np.isfinite(arr)):
+            raise BundleError(f"{feat_path}: {name} must be {n_physics} finite values")
+    assert physics_mean is not None and physics_std is not None
+    if np.any(physics_std <= 0):
+        raise BundleError(f"{feat_path}: physics_std must be positive")
+    typical = _typical(doc, arrays, n_physics + spec.n_mfcc, where)
+
     classes = tuple(
         _parse_class(c, f"{where}: classes") for c in _require(doc, "classes", list, where)
     )
@@ -198,9 +258,43 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
         output_dtype=output_dtype,
         input_mean=None if mean is None else mean.astype(np.float32),
         input_std=None if std is None else std.astype(np.float32),
+        physics_mean=physics_mean.astype(np.float32),
+        physics_std=physics_std.astype(np.float32),
+        typical=typical,
         thresholds={k: float(v) for k, v in thresholds.items()},
         provenance=doc.get("provenance", {}),
         metrics=doc.get("metrics", {}),
+    )
+
+
+def _typical(
+    doc: Mapping[str, Any], arrays: Mapping[str, npt.NDArray[Any]], dims: int, where: str
+) -> Typical | None:
+    rule = doc.get("unknown")
+    if rule is None:
+        return None
+    if not isinstance(rule, dict):
+        raise BundleError(f"{where}: 'unknown' must be an object")
+    n_classes = len(doc.get("classes", []))
+    means, precision = arrays.get("typical_mean"), arrays.get("typical_precision")
+    if (
+        means is None
+        or precision is None
+        or means.shape != (n_classes, dims)
+        or precision.shape != (dims, dims)
+    ):
+        raise BundleError(f"{where}: typical_mean/typical_precision missing or not ({n_classes}, {dims})")
+    thresholds = _require(rule, "thresholds", list, f"{where}: unknown")
+    ramps = _require(rule, "ramps", list, f"{where}: unknown")
+    if len(thresholds) != n_classes or len(ramps) != n_classes or min(ramps) <= 0:
+        raise BundleError(f"{where}: unknown: one threshold and one positive ramp per class")
+    if not np.all(np.isfinite(precision)):
+        raise BundleError(f"{where}: unknown: the precision matrix is not finite")
+    return Typical(
+        means.astype(np.float64),
+        precision.astype(np.float64),
+        tuple(float(t) for t in thresholds),
+        tuple(float(r) for r in ramps),
     )
 
 
@@ -243,11 +337,14 @@ def write_bundle(
     version: str,
     input_dtype: str = "int8",
     output_dtype: str = "int8",
-    classes: Sequence[str] = SEED_CLASSES,
-    messages: Mapping[str, str] = SEED_MESSAGES,
+    classes: Sequence[str] = REFERENCE_CLASSES,
+    messages: Mapping[str, str] = REFERENCE_MESSAGES,
     normal_class: str = "normal",
     input_mean: npt.NDArray[np.floating[Any]] | None = None,
     input_std: npt.NDArray[np.floating[Any]] | None = None,
+    physics_mean: npt.NDArray[np.floating[Any]] | None = None,
+    physics_std: npt.NDArray[np.floating[Any]] | None = None,
+    typical: Typical | None = None,
     thresholds: Mapping[str, float] | None = None,
     provenance: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
@@ -263,6 +360,16 @@ def write_bundle(
     if input_mean is not None and input_std is not None:
         arrays["input_mean"] = np.asarray(input_mean, dtype=np.float32)
         arrays["input_std"] = np.asarray(input_std, dtype=np.float32)
+    n_physics = len(FEATURE_NAMES)
+    arrays["physics_mean"] = np.asarray(
+        np.zeros(n_physics) if physics_mean is None else physics_mean, dtype=np.float32
+    )
+    arrays["physics_std"] = np.asarray(
+        np.ones(n_physics) if physics_std is None else physics_std, dtype=np.float32
+    )
+    if typical is not None:
+        arrays["typical_mean"] = np.asarray(typical.means, dtype=np.float32)
+        arrays["typical_precision"] = np.asarray(typical.precision, dtype=np.float32)
     feat_path = out_dir / "features.npz"
     np.savez_compressed(feat_path, **arrays)  # type: ignore[arg-type]
     doc = {
@@ -273,10 +380,22 @@ def write_bundle(
             "file": model_path.name,
             "sha256": sha256_file(model_path),
             "input_shape": [1, spec.n_mfcc, spec.n_frames, 1],
+            "physics_shape": [1, n_physics],
             "input_dtype": input_dtype,
             "output_dtype": output_dtype,
         },
         "features": {"file": feat_path.name, "sha256": sha256_file(feat_path), **spec.scalars()},
+        "physics": {"version": PHYSICS_VERSION, "names": list(FEATURE_NAMES)},
+        "unknown": None
+        if typical is None
+        else {
+            "thresholds": [round(t, 4) for t in typical.thresholds],
+            "ramps": [round(r, 4) for r in typical.ramps],
+            "rule": "Mahalanobis distance of the window's standardised physics and MFCC "
+            "means from the training windows of the class the model chose; unknown rises "
+            "from 0 at that class's threshold (a high quantile of its training windows' "
+            "distances) to 1 at threshold + ramp",
+        },
         "classes": [
             {"name": c, "message": messages[c], "anomaly": c != normal_class} for c in classes
         ],

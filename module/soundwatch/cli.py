@@ -399,15 +399,16 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"File": name, **result.to_json()}), flush=True)
         else:
-            verdict = "ANOMALY" if result.anomaly else "ok"
+            verdict = "ANOMALY" if result.anomaly else "no verdict" if result.label == "unknown" else "ok"
             probs = "  ".join(
                 f"{c}={p:.3f}"
                 for c, p in zip(result.class_names, result.probabilities, strict=True)
             )
             print(f"{name}: {verdict}: {result.message} [{result.label}]")
-            print(f"  {json.dumps(result.seed_response())}")
-            print(f"  classes: {', '.join(result.class_names)}")
+            print(f"  {json.dumps(result.reference_response())}")
             print(f"  {probs}")
+            for warning in result.warnings:
+                print(f"  warning: {warning}")
     return EXIT_FAILED if failures else EXIT_OK
 
 
@@ -715,9 +716,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         sub,
         "classify",
         summary="classify audio files (WAV, FLAC, OGG; any rate)",
-        description="The seeds' whole-clip verdict for each file (the first ~10 s): the "
-        "seeds' JSON with the file and class names. Bad files get an error and the others "
-        "are still classified; the exit code is 1 if any failed.",
+        description="The reference service's whole-clip verdict for each file (its first 10 s; "
+        "a shorter clip is repeated to fill the window): its JSON, plus the class names "
+        "(the model's and 'unknown'), the label and warnings. Bad files get an error that "
+        "names the cause and the others are still classified; the exit code is 1 if any failed.",
         examples=["soundwatch classify fan.wav", "soundwatch classify --json clips/*.flac"],
         func=_cmd_classify,
         parents=parents,

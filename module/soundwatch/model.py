@@ -15,11 +15,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from soundwatch.bundle import Bundle, BundleError
+from soundwatch.bundle import UNKNOWN, Bundle, BundleError
+from soundwatch.features import WindowFeatures
+from soundwatch.physics import FEATURE_NAMES
 
 logger = logging.getLogger(__name__)
 
 _NP_DTYPES = {"int8": np.int8, "uint8": np.uint8, "float32": np.float32}
+#: Frames at each end of a window that the network and the "unknown" check
+#: leave out: the zero fill and the frames whose STFT reaches into padding
+#: (2 at the start; 2 plus the 2 padding columns at the end).
+EDGE_FRAMES = (2, 4)
 
 
 class ModelError(RuntimeError):
@@ -77,8 +83,43 @@ def _quant_of(detail: dict[str, Any]) -> _Quant:
     return _Quant(float(scale) or 1.0, int(zero_point), dtype)
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """The model's verdict on one window.
+
+    ``probabilities`` are the model's, over its classes. ``unknown`` (0…1)
+    is how far the window is from anything the model can judge: a window it
+    cannot read (too little usable audio, clipped) or one unlike every
+    window of its training world. :attr:`distribution` spreads the model's
+    probabilities over what is left, with ``unknown`` as one more class.
+    """
+
+    class_names: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    unknown: float = 0.0
+    reason: str | None = None
+    typical_distance: float | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The model's classes, then ``unknown``."""
+        return (*self.class_names, UNKNOWN)
+
+    @property
+    def distribution(self) -> tuple[float, ...]:
+        """Probabilities over :attr:`names` (they sum to 1)."""
+        keep = 1.0 - self.unknown
+        return (*(round(p * keep, 6) for p in self.probabilities), round(self.unknown, 6))
+
+    @property
+    def label(self) -> str:
+        """The most probable of :attr:`names`."""
+        d = self.distribution
+        return self.names[max(range(len(d)), key=d.__getitem__)]
+
+
 class Classifier:
-    """A loaded model that maps one feature window to class probabilities.
+    """A loaded model that maps one window's features to a :class:`Prediction`.
 
     ``predict`` is serialised with a lock because a TFLite interpreter is not
     re-entrant; create one Classifier per thread if you need parallelism.
@@ -96,27 +137,39 @@ class Classifier:
             raise ModelError(f"cannot load model {bundle.model_path}: {e}") from e
         inputs = self._interp.get_input_details()
         outputs = self._interp.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
+        if len(inputs) != 2 or len(outputs) != 1:
             raise BundleError(
-                f"{bundle.model_path}: expected 1 input and 1 output, "
+                f"{bundle.model_path}: expected 2 inputs (MFCCs, physics) and 1 output, "
                 f"got {len(inputs)} and {len(outputs)}"
             )
-        inp, out = inputs[0], outputs[0]
-        shape = tuple(int(v) for v in inp["shape"])
+        # The MFCC input is the 4-D one, the physics vector the 2-D one.
+        mfcc_in = next((d for d in inputs if len(d["shape"]) == 4), None)
+        physics_in = next((d for d in inputs if len(d["shape"]) == 2), None)
+        if mfcc_in is None or physics_in is None:
+            raise BundleError(f"{bundle.model_path}: inputs must be a 4-D MFCC and a 2-D physics tensor")
+        out = outputs[0]
+        shape = tuple(int(v) for v in mfcc_in["shape"])
         if shape != bundle.input_shape:
             raise BundleError(
                 f"{bundle.model_path}: model input shape {list(shape)} disagrees with "
                 f"bundle.json input_shape {list(bundle.input_shape)}"
             )
+        n_physics = len(FEATURE_NAMES)
+        if tuple(int(v) for v in physics_in["shape"]) != (1, n_physics):
+            raise BundleError(
+                f"{bundle.model_path}: physics input shape {list(physics_in['shape'])} is not "
+                f"[1, {n_physics}]"
+            )
         for what, detail, declared in (
-            ("input", inp, bundle.input_dtype),
+            ("input", mfcc_in, bundle.input_dtype),
+            ("physics input", physics_in, bundle.input_dtype),
             ("output", out, bundle.output_dtype),
         ):
             actual = np.dtype(detail["dtype"]).name
             if _NP_DTYPES.get(declared) is None or actual != declared:
                 raise BundleError(
                     f"{bundle.model_path}: model {what} dtype {actual} disagrees with "
-                    f"bundle.json {what}_dtype {declared!r}"
+                    f"bundle.json {declared!r}"
                 )
         n_out = int(np.prod(out["shape"]))
         if n_out != len(bundle.classes):
@@ -124,11 +177,16 @@ class Classifier:
                 f"{bundle.model_path}: model has {n_out} outputs but the bundle names "
                 f"{len(bundle.classes)} classes"
             )
-        self._in_index, self._out_index = inp["index"], out["index"]
-        self._in_q, self._out_q = _quant_of(inp), _quant_of(out)
+        self._in_index, self._physics_index = mfcc_in["index"], physics_in["index"]
+        self._out_index = out["index"]
+        self._in_q, self._physics_q = _quant_of(mfcc_in), _quant_of(physics_in)
+        self._out_q = _quant_of(out)
         self._lock = threading.Lock()
         self._mean = bundle.input_mean
         self._inv_std = None if bundle.input_std is None else (1.0 / bundle.input_std)
+        assert bundle.physics_mean is not None and bundle.physics_std is not None
+        self._physics_mean = bundle.physics_mean
+        self._physics_inv_std = (1.0 / bundle.physics_std).astype(np.float32)
         logger.info(
             "model %s loaded with %s (%d thread%s)",
             bundle.model_version,
@@ -150,16 +208,33 @@ class Classifier:
         ).astype(np.float32)
         return out
 
-    def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Class probabilities for one ``(n_mfcc, n_frames)`` window."""
+    def prepare_physics(self, physics: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The physics vector standardised as in training."""
+        out: npt.NDArray[np.float32] = (
+            (physics - self._physics_mean) * self._physics_inv_std
+        ).astype(np.float32)
+        return out
+
+    def embedding(self, mfcc: npt.NDArray[np.float32], physics: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Standardised physics and normalised MFCC means: where the window sits."""
+        prepared = self.prepare(mfcc)
+        means = prepared[:, EDGE_FRAMES[0] : mfcc.shape[1] - EDGE_FRAMES[1]].mean(axis=1)
+        return np.concatenate([self.prepare_physics(physics), means]).astype(np.float32)
+
+    def probabilities(
+        self, mfcc: npt.NDArray[np.float32], physics: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float32]:
+        """The model's class probabilities for one window."""
         expected = self.bundle.input_shape[1:3]
-        if features.shape != expected:
-            raise ValueError(f"features have shape {features.shape}, model wants {expected}")
-        if not np.all(np.isfinite(features)):
+        if mfcc.shape != expected:
+            raise ValueError(f"features have shape {mfcc.shape}, model wants {expected}")
+        if not (np.all(np.isfinite(mfcc)) and np.all(np.isfinite(physics))):
             raise ValueError("features contain NaN or Inf")
-        x = self._in_q.quantize(self.prepare(features)).reshape(self.bundle.input_shape)
+        x = self._in_q.quantize(self.prepare(mfcc)).reshape(self.bundle.input_shape)
+        p = self._physics_q.quantize(self.prepare_physics(physics)).reshape(1, -1)
         with self._lock:
             self._interp.set_tensor(self._in_index, x)
+            self._interp.set_tensor(self._physics_index, p)
             self._interp.invoke()
             raw = self._interp.get_tensor(self._out_index)
         probs = self._out_q.dequantize(raw).reshape(-1)
@@ -169,3 +244,29 @@ class Classifier:
         if total > 0:
             probs = probs / total
         return probs.astype(np.float32)
+
+    def predict(self, features: WindowFeatures) -> Prediction:
+        """The verdict on one window, ``unknown`` included."""
+        probs = self.probabilities(features.mfcc, features.physics)
+        problem = features.quality.problem
+        distance = None
+        unknown = 0.0
+        if problem is not None:
+            unknown = 1.0
+        elif self.bundle.typical is not None:
+            chosen = int(np.argmax(probs))
+            embedding = self.embedding(features.mfcc, features.physics)
+            distance = self.bundle.typical.distance(embedding, chosen)
+            unknown = self.bundle.typical.unknown(distance, chosen)
+            if unknown > 0:
+                problem = (
+                    f"unlike the {self.bundle.class_names[chosen]} windows the model was "
+                    "trained on"
+                )
+        return Prediction(
+            class_names=self.bundle.class_names,
+            probabilities=tuple(float(p) for p in probs),
+            unknown=unknown,
+            reason=problem,
+            typical_distance=None if distance is None else round(distance, 3),
+        )

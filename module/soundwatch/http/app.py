@@ -394,7 +394,7 @@ def _inference(api: Api) -> Response:
         max(result.probabilities),
         sum(result.timing_ms.values()),
     )
-    body = {**result.to_json(), "File": name, "Warnings": _warnings(result, api)}
+    body = {**result.to_json(), "File": name}
     return jsonify(body)
 
 
@@ -532,33 +532,6 @@ def _read_upload(api: Api) -> FileStorage:
     finally:
         stream.seek(0)
     return upload
-
-
-def _warnings(result: Classification, api: Api) -> list[str]:
-    """What a person should know about how far to trust this answer."""
-    out: list[str] = []
-    spec = api.bundle.spec
-    trained_hz = spec.train_rate_hz
-    if trained_hz is not None and result.source_rate_hz < trained_hz:
-        out.append(
-            f"the audio is sampled at {result.source_rate_hz} Hz, below the "
-            f"{trained_hz} Hz the model was trained on: content above "
-            f"{result.source_rate_hz // 2} Hz is missing"
-        )
-    window_s = api.pool.window_s
-    if result.source_duration_s < window_s - 0.05:
-        out.append(
-            f"only {result.source_duration_s:.2f} s of audio: the model's window is "
-            f"{window_s:.2f} s, the rest was filled with silence"
-        )
-    elif result.source_duration_s > window_s + 0.5:
-        out.append(
-            f"only the first {result.analysed_s:.2f} s of {result.source_duration_s:.1f} s "
-            "were analysed"
-        )
-    if result.channels > 1:
-        out.append(f"{result.channels} channels were mixed down to mono")
-    return out
 
 
 def _only_args(*names: str) -> None:
