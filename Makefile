@@ -38,8 +38,8 @@ bench: setup-train
 	$(BIN)/python -m tools.bench
 
 train: setup-train
-	# No augmented copies: on the simulated line they cost held-out accuracy (README, "The model").
-	$(BIN)/python -m tools.train all --out module/soundwatch/models/fan --seed 0 --augment-copies 0
+	# Renders the simulated world into build/sim (once), then every stage (docs/model.md).
+	$(BIN)/python -m tools.train all --out module/soundwatch/models/fan --seed 0
 	$(BIN)/python -m tools.make_samples
 
 setup-run: $(VENV)/.run-ok

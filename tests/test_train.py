@@ -32,7 +32,7 @@ from tools.train.scan import (
 SR = 16000
 Windows = tuple[list[ClipRecord], np.ndarray, np.ndarray]
 FAULTS = ("imbalance", "clogging", "voltage_change")
-N_REAL = 431  # frames of a 10 s clip; shorter clips are zero-filled (same for all)
+N_REAL = 431  # frames of a 10 s window; shorter clips are looped to fill it
 
 
 def fan_clip(kind: str, unit: int, rng: np.random.Generator, seconds: float = 3.0) -> np.ndarray:
@@ -163,7 +163,7 @@ def test_scan_requires_a_metadata_row_per_clip(tmp_path: Path) -> None:
 # -- labels -------------------------------------------------------------------------
 
 
-def test_labels_from_metadata_keep_the_seed_class_order(labelled_tree: Path) -> None:
+def test_labels_from_metadata_keep_the_reference_class_order(labelled_tree: Path) -> None:
     records = scan_tree(labelled_tree)
     labels = labels_from_metadata(records)
     assert labels.class_names == ("normal", "imbalance", "clogging", "voltage_change")
@@ -339,8 +339,10 @@ def test_featurisation_is_deterministic_and_cached(
     from soundwatch.audio import decode_audio
 
     clip = decode_audio(labelled_tree / records[1].rel_path, 22050)
-    expected = FeatureExtractor(librosa_spec).model_input(clip.samples)
-    np.testing.assert_allclose(x1[(clip1 == 1) & (copy1 == 0)][0], expected, rtol=0, atol=1e-3)
+    expected = FeatureExtractor(librosa_spec).analyse(clip.samples)
+    np.testing.assert_allclose(
+        x1[(clip1 == 1) & (copy1 == 0)][0], expected.mfcc, rtol=0, atol=1e-3
+    )
     # A second run loads the cache and gives the same arrays.
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()}
     x3, _, _ = run(tmp_path / "a", 1, 4)
@@ -350,8 +352,48 @@ def test_featurisation_is_deterministic_and_cached(
 
 def test_split_holds_out_whole_units(labelled_tree: Path) -> None:
     records = scan_tree(labelled_tree)
-    splits = split_by_unit(records, val_unit="id_00", test_unit="id_02")
+    splits = split_by_unit(records, val_units=("id_00",), test_units=("id_02",))
     assert not np.any(splits.train)
     assert {r.unit for r, m in zip(records, splits.test, strict=True) if m} == {"id_02"}
     with pytest.raises(ValueError, match="id_09"):
-        split_by_unit(records, val_unit="id_09", test_unit="id_02")
+        split_by_unit(records, val_units=("id_09",), test_units=("id_02",))
+
+
+# -- the simulated world in the pipeline ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def simulated_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small tree from the simulated world: straddling clips and families in metadata."""
+    from soundwatch.sim.dataset import ClipPlan, plan_clips, write_clips
+    from soundwatch.sim.world import Mixture
+
+    root = tmp_path_factory.mktemp("simulated")
+    plan = ClipPlan(units=(0, 2, 4), per_class=2, mixture=Mixture(), straddle=0.5)
+    write_clips(plan_clips(root, plan, seed=1), root)
+    return root
+
+
+def test_straddling_clips_get_soft_labels_in_reference_class_order(simulated_tree: Path) -> None:
+    records = scan_tree(simulated_tree)
+    labels = labels_from_metadata(records)
+    assert labels.class_names == ("normal", "imbalance", "clogging", "voltage_change")
+    soft = labels.soft_labels()
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-6)
+    assert np.array_equal(soft.argmax(axis=1), labels.labels)
+    mixed = soft.max(axis=1) < 1.0
+    assert mixed.any() and labels.details["straddling_clips"] == int(mixed.sum())
+    assert np.all(soft.max(axis=1) >= 0.5)
+
+
+def test_a_held_out_family_leaves_training_and_validation(simulated_tree: Path) -> None:
+    records = scan_tree(simulated_tree)
+    assert all(r.family for r in records)
+    splits = split_by_unit(
+        records, val_units=("id_02",), test_units=("id_04",), hold_out={"room": ("live",)}
+    )
+    live = np.asarray([r.family["room"] == "live" for r in records])
+    assert live.any()
+    assert not np.any(splits.train & live) and not np.any(splits.val & live)
+    assert np.any(splits.test & live)  # the test units keep every family
+    assert np.any(splits.train)

@@ -3,7 +3,8 @@
     python -m tools.make_samples            # after a retrain: refresh module/soundwatch/samples/
 
 One 10 s, 16 kHz clip per class from the fan simulator (unit 7, which no
-training set contains, at +6 dB), as FLAC, and ``expected.json`` with the
+training set contains: training units have even ids, at +6 dB, in the
+middle of the simulated world), as FLAC, and ``expected.json`` with the
 label and probabilities measured here (x86_64). ``soundwatch selftest`` and
 ``tools/arm64-check`` compare other machines against these.
 """
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import soundfile as sf
 
-from soundwatch import fansim
 from soundwatch.bundle import load_bundle
 from soundwatch.classify import ClipClassifier
+from soundwatch.sim import CLASSES, typical_clip
 
 OUT = Path(__file__).resolve().parents[1] / "module" / "soundwatch" / "samples"
 UNIT, SNR_DB, SEED, RATE = 7, 6.0, 2024, 16000
@@ -28,13 +29,12 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     OUT.mkdir(parents=True, exist_ok=True)
     classifier = ClipClassifier(load_bundle())
-    unit = fansim.make_unit(UNIT, seed=0)
     expected: dict[str, object] = {
-        "_about": f"fansim unit {UNIT}, {SNR_DB:+.0f} dB, seed {SEED}; measured on x86_64 with "
-        f"{classifier.bundle.model_version}",
+        "_about": f"simulated unit {UNIT}, {SNR_DB:+.0f} dB, seed {SEED}; measured on x86_64 "
+        f"with {classifier.bundle.model_version}",
     }
-    for i, fault in enumerate(fansim.CLASSES):
-        audio = fansim.synth_clip(unit, fault, SNR_DB, SEED + i, sample_rate_hz=RATE)
+    for i, fault in enumerate(CLASSES):
+        audio = typical_clip(UNIT, fault, SNR_DB, SEED + i, sample_rate_hz=RATE)
         path = OUT / f"fan_{fault}.flac"
         sf.write(path, audio, RATE, format="FLAC", subtype="PCM_16")
         result = classifier.classify_source(path)

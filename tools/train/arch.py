@@ -1,8 +1,8 @@
-"""The networks: the seeds' CNN, two variants of it, and a statistics-pooling CNN.
+"""The networks: the reference service's CNN, two variants of it, and a statistics-pooling CNN.
 
 ``seed``: three blocks of Conv2D (16/32/64 filters, kernel 2, relu), MaxPool 2
 and Dropout 0.2, then global average pooling and a softmax Dense layer, as
-the seeds built it.
+the reference service built it.
 
 ``tpool``: the same blocks, but the final average runs over time only, so the
 Dense layer still sees *which* coefficients (rows) a pattern sits at. Global
@@ -15,7 +15,7 @@ weights (about 1 k) and no measurable time.
 simulator, what separates the classes of an unseen unit is, per coefficient,
 the window's mean (the spectral envelope) and how the coefficient moves over
 time (its spread: surging, amplitude modulation, speed jitter). A linear model
-on exactly those statistics beats the seeds' 2-D CNN, which over-fits to the
+on exactly those statistics beats the reference service's 2-D CNN, which over-fits to the
 training units' local patterns. So the network takes, per coefficient, the
 time mean, and the time mean of a few learned temporal filters (kernel 1 x 3,
 ReLU) applied to the coefficient minus its mean; each group of statistics
@@ -62,22 +62,48 @@ STATPOOL_FILTERS = 8
 BN_MOMENTUM = 0.9
 
 
-def build_model(
-    arch: str, input_shape: tuple[int, int], n_classes: int, input_limit: float | None
-) -> Any:
-    """An uncompiled Keras model taking ``(n_mfcc, n_frames, 1)``.
+#: The standardised physics vector is clipped to ±this (its int8 range).
+PHYSICS_LIMIT = 6.0
+PHYSICS_UNITS = (48, 24)
 
-    ``input_limit`` fixes the int8 input range (``None``: no fake quantisation).
+
+def build_model(
+    arch: str,
+    input_shape: tuple[int, int],
+    n_physics: int,
+    n_classes: int,
+    input_limit: float | None,
+) -> Any:
+    """An uncompiled Keras model taking ``mfcc`` ``(n_mfcc, n_frames, 1)`` and ``physics``
+    ``(n_physics,)``.
+
+    The two inputs meet as added logits: the MFCC network's, and those of a
+    small dense network on the physics vector (the fan's own lines and
+    modulations, :mod:`soundwatch.physics`). ``input_limit`` fixes the int8
+    range of the MFCC input (``None``: no fake quantisation, on either input).
     """
     import keras
+    from keras import layers
 
     inputs = keras.Input(shape=(*input_shape, 1), name="mfcc")
+    physics = keras.Input(shape=(n_physics,), name="physics")
     x = inputs if input_limit is None else fake_quant(input_limit, "int8_input")(inputs)
     if arch == "statpool":
-        outputs = _statpool(x, n_classes, input_limit)
+        logits = _statpool(x, n_classes, input_limit)
     else:
-        outputs = _seed_like(x, arch, n_classes)
-    return keras.Model(inputs, outputs, name=f"fan_{arch}")
+        logits = _seed_like(x, arch, n_classes)
+    total = layers.Add(name="logits")([*logits, _physics_logits(physics, n_classes, input_limit)])
+    return keras.Model([inputs, physics], layers.Softmax(name="probs")(total), name=f"fan_{arch}")
+
+
+def _physics_logits(physics: Any, n_classes: int, input_limit: float | None) -> Any:
+    from keras import layers
+
+    h = physics if input_limit is None else fake_quant(PHYSICS_LIMIT, "physics_int8")(physics)
+    for i, units in enumerate(PHYSICS_UNITS):
+        h = layers.Dense(units, activation="relu", name=f"physics_dense{i + 1}")(h)
+        h = layers.Dropout(0.2, name=f"physics_dropout{i + 1}")(h)
+    return layers.Dense(n_classes, name="physics_logits")(h)
 
 
 _LAYERS: dict[str, Any] = {}
@@ -222,7 +248,7 @@ def _logits(x: Any, n_classes: int, name: str) -> Any:
     return layers.Dense(n_classes, name=f"{name}_logits")(x)
 
 
-def _statpool(inputs: Any, n_classes: int, limit: float | None) -> Any:
+def _statpool(inputs: Any, n_classes: int, limit: float | None) -> list[Any]:
     from keras import layers
 
     rows = int(inputs.shape[1])
@@ -231,15 +257,14 @@ def _statpool(inputs: Any, n_classes: int, limit: float | None) -> Any:
     x = layers.Cropping2D(((0, 0), (head, tail + 2)), name="core_frames")(inputs)
     c0 = layers.Cropping2D(((0, rows - 1), (0, 0)), name="c0")(x)
     rest = layers.Cropping2D(((1, 0), (0, 0)), name="c1_up")(x)
-    logits = [
+    return [
         _logits(_time_mean(x, "means"), n_classes, "envelope"),
         _logits(_movement(c0, "c0", limit), n_classes, "loudness_movement"),
         _logits(_movement(rest, "rest", limit), n_classes, "shape_movement"),
     ]
-    return layers.Softmax(name="probs")(layers.Add(name="logits")(logits))
 
 
-def _seed_like(inputs: Any, arch: str, n_classes: int) -> Any:
+def _seed_like(inputs: Any, arch: str, n_classes: int) -> list[Any]:
     from keras import layers
 
     x = inputs
@@ -258,11 +283,11 @@ def _seed_like(inputs: Any, arch: str, n_classes: int) -> Any:
         x = layers.Reshape((rows * int(x.shape[-1]),))(x)
     else:
         raise ValueError(f"unknown arch {arch!r}")
-    return layers.Dense(n_classes, activation="softmax", name="probs")(x)
+    return [layers.Dense(n_classes, name="cnn_logits")(x)]
 
 
 def compile_model(model: Any, learning_rate: float, total_steps: int) -> None:
-    """Adam and sparse categorical cross-entropy, as the seeds trained.
+    """Adam and categorical cross-entropy on soft labels.
 
     The learning rate follows a cosine decay to 5 % over the whole run, so the
     last epochs settle instead of jumping between solutions; that makes the
@@ -275,6 +300,8 @@ def compile_model(model: Any, learning_rate: float, total_steps: int) -> None:
     )
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=schedule),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        # Soft targets: a clip that straddles a change of state is labelled by
+        # the share of it each state fills.
+        loss="categorical_crossentropy",
+        metrics=["categorical_accuracy"],
     )

@@ -5,9 +5,15 @@ labels, fit, convert, evaluate and export, and reports the time of each.
 Every stage can also run alone; it reuses what earlier stages left in
 ``--work`` (features from the cache, labels.json, checkpoints).
 
-Retrain the shipped model from scratch (see the README, "The model and its training")::
+Retrain the shipped model from scratch (see docs/model.md)::
 
     python -m tools.train all --seed 0
+
+Measure generalisation to a family of the simulated world the model never
+saw (its training and validation leave the family out; ``--also`` evaluates
+on a set rendered from it alone)::
+
+    python -m tools.train all --hold-out room=live --out build/no-live --also live=build/live
 """
 
 from __future__ import annotations
@@ -22,7 +28,17 @@ from pathlib import Path
 
 from tools.train import pipeline
 from tools.train.augment import AugmentConfig
-from tools.train.layout import ARCHS, NORMS, SimConfig, StageTimer, TrainConfig
+from tools.train.layout import (
+    ARCHS,
+    NORMS,
+    SIM_TEST_UNITS,
+    SIM_VAL_UNITS,
+    SimConfig,
+    StageTimer,
+    TrainConfig,
+    parse_hold_out,
+    parse_units,
+)
 
 REPO = pipeline.REPO
 STAGE_NAMES = ("simulate", "scan", "features", "labels", "fit", "convert", "evaluate", "export")
@@ -30,6 +46,13 @@ STAGE_NAMES = ("simulate", "scan", "features", "labels", "fit", "convert", "eval
 
 def _optional_path(value: str) -> Path | None:
     return Path(value) if value else None
+
+
+def _named_dir(item: str) -> tuple[str, Path]:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--also {item!r}: expected NAME=DIR")
+    return name, Path(path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,24 +75,47 @@ def _parser() -> argparse.ArgumentParser:
         default=REPO / "docs/img/confusion-int8.png",
         help="where export copies the int8 confusion PNG ('' to skip)",
     )
-    g.add_argument("--version", default="1.0.0", help="bundle version")
+    g.add_argument("--version", default=TrainConfig.version, help="bundle version")
     g = common.add_argument_group("simulation (only when --data holds no tree)")
-    g.add_argument("--units", type=int, default=SimConfig.n_units, help="id_00, id_02, ...")
+    g.add_argument("--units", type=int, default=SimConfig.n_units, help="training units")
     g.add_argument(
         "--per-class",
         type=int,
         default=SimConfig.per_class,
-        help="clips per unit, SNR and class (training and validation units)",
+        help="clips per training unit and class (SNR drawn per clip)",
     )
     g.add_argument(
         "--test-per-class",
         type=int,
         default=SimConfig.test_per_class,
-        help="clips per SNR and class of the validation and test units",
+        help="clips per SNR and class of each validation and test unit",
     )
     g = common.add_argument_group("splits and labels")
-    g.add_argument("--test-unit", default="id_06", help="held-out unit, evaluated once at the end")
-    g.add_argument("--val-unit", default="id_04", help="unit used to pick the checkpoint")
+    g.add_argument(
+        "--test-unit",
+        default=SIM_TEST_UNITS,
+        help="held-out unit(s), comma-separated, evaluated once at the end (real MIMII: id_06)",
+    )
+    g.add_argument(
+        "--val-unit",
+        default=SIM_VAL_UNITS,
+        help="unit(s) that pick the checkpoint and thresholds (real MIMII: id_04)",
+    )
+    g.add_argument(
+        "--hold-out",
+        action="append",
+        default=[],
+        metavar="FAMILY=CHOICE[,CHOICE]",
+        help="leave a family of the simulated world out of training and validation "
+        "(e.g. room=live, noise=brown, strength=weak, events=speech); repeatable",
+    )
+    g.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="evaluate on a labelled clip set too (DIR/metadata.csv: path, label, snr_db)",
+    )
     g.add_argument("--labels", choices=("auto", "metadata", "pseudo"), default="auto")
     g.add_argument("--clusters", type=int, default=3, help="k of the pseudo-label k-means")
     g.add_argument(
@@ -84,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         "--n-mfcc",
         type=int,
         default=TrainConfig.n_mfcc,
-        help="MFCCs kept of the 128-band DCT (the seeds kept 40)",
+        help="MFCCs kept of the 128-band DCT (the reference service kept 40)",
     )
     g.add_argument("--norm", choices=NORMS, default="coef", help="input normalisation")
     g.add_argument(
@@ -95,7 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     g.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
-    g.add_argument("--augment-copies", type=int, default=AugmentConfig.copies)
+    g.add_argument(
+        "--augment-copies",
+        type=int,
+        default=0,
+        help="augmented copies per training clip (the reference service made 1; the simulated world varies more than they do)",
+    )
     g.add_argument("--workers", type=int, default=2, help="feature/simulation processes")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -113,13 +164,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _HELP = {
-    "simulate": "write the simulated fan line (tools.fansim) to --data",
+    "simulate": "render the simulated world (soundwatch.sim) to --data",
     "scan": "scan --data, report sample rates / channels / bit depths",
     "features": "compute (or load cached) windows, with augmented copies",
     "labels": "fault labels from metadata.csv, or PCA + k-means pseudo-labels",
     "fit": "train, checkpointing the best validation score",
     "convert": "best checkpoint -> int8 and float TFLite",
-    "evaluate": "int8 vs float on the held-out unit",
+    "evaluate": "int8 vs float on the held-out units (and --also sets)",
     "export": "write the bundle to --out",
     "all": "every stage, in order, timed",
 }
@@ -135,8 +186,10 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         norm=args.norm,
         n_mfcc=args.n_mfcc,
         input_grid=not args.no_input_grid,
-        test_unit=args.test_unit,
-        val_unit=args.val_unit,
+        test_units=parse_units(args.test_unit),
+        val_units=parse_units(args.val_unit),
+        hold_out=parse_hold_out(args.hold_out),
+        extra_sets=tuple(_named_dir(item) for item in args.also),
         labels=args.labels,
         n_clusters=args.clusters,
         relative_to_normal=not args.absolute_clusters,

@@ -1,8 +1,9 @@
 """Conversion to TFLite: full-integer int8 (for the device) and float32 (reference).
 
-All models take the *normalised* window (the bundle's input_mean/input_std
-are applied outside, by ``Classifier.prepare``), so tests can compare them
-without TensorFlow. The int8 model's input and output tensors are int8; its
+All models take the *normalised* window and the *standardised* physics
+vector (the bundle's input_mean/input_std and physics_mean/physics_std are
+applied outside, by ``Classifier``), so tests can compare them without
+TensorFlow. The int8 model's input and output tensors are int8; its
 quantisation ranges come from a representative set of training windows,
 except where the network carries fake-quantisation nodes (its input, and
 the first time means of ``statpool``): those fix their tensors' ranges.
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from tools.train.evaluate import Inputs
 from tools.train.int8_layout import LayoutChoice, best_layout
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ F32 = npt.NDArray[np.float32]
 REPRESENTATIVE_WINDOWS = 400
 
 
-def representative_windows(x: F32, y: npt.NDArray[np.int32], seed: int, n: int) -> F32:
+def representative_windows(
+    inputs: Inputs, y: npt.NDArray[np.int32], seed: int, n: int
+) -> Inputs:
     """A class-balanced, seeded sample of (normalised) training windows."""
     rng = np.random.default_rng([seed, 1])
     classes = np.unique(y)
@@ -42,9 +46,7 @@ def representative_windows(x: F32, y: npt.NDArray[np.int32], seed: int, n: int) 
         rng.choice(np.flatnonzero(y == c), size=min(per_class, int(np.sum(y == c))), replace=False)
         for c in classes
     ]
-    idx = np.sort(np.concatenate(picks))
-    out: F32 = x[idx]
-    return out
+    return inputs.take(np.sort(np.concatenate(picks)))
 
 
 def _convert(model: Any, configure: Callable[[Any], None] | None = None) -> bytes:
@@ -73,17 +75,21 @@ def to_float_tflite(model: Any, rounded: bool = True) -> bytes:
         set_fake_quant(model, True)
 
 
-def to_int8_tflite(model: Any, representative: F32, validation: F32) -> LayoutChoice:
-    """The full-integer model: int8 weights, activations, input and output.
+def to_int8_tflite(model: Any, representative: Inputs, validation: Inputs) -> LayoutChoice:
+    """The full-integer model: int8 weights, activations, inputs and output.
 
     ``statpool`` is rearranged for per-tensor scales first (same function;
     :mod:`tools.train.int8_layout` picks the layout on ``validation``).
     """
     import tensorflow as tf
 
-    def samples() -> Iterator[list[F32]]:
-        for window in representative:
-            yield [window[None, :, :, None].astype(np.float32)]
+    def samples() -> Iterator[dict[str, F32]]:
+        # By input name: the SavedModel signature's order is not the model's.
+        for x, p in zip(representative.x, representative.p, strict=True):
+            yield {
+                "mfcc": x[None, :, :, None].astype(np.float32),
+                "physics": p[None, :].astype(np.float32),
+            }
 
     def configure(converter: Any) -> None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

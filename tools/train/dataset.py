@@ -2,8 +2,8 @@
 
 Audio is decoded by :func:`soundwatch.audio.decode_audio` (soundfile, mono by
 channel mean, soxr HQ to 22.05 kHz, i.e. what ``librosa.load`` does) and turned
-into windows by :class:`soundwatch.features.FeatureExtractor`: the same code
-the device runs. Work is cut into fixed shards of consecutive clips; each
+into a window's MFCCs and physics by :meth:`soundwatch.features.FeatureExtractor.analyse`:
+the same code the device runs for a clip and for every streaming window. Work is cut into fixed shards of consecutive clips; each
 shard is cached as an ``.npz`` whose name hashes everything its content
 depends on, so a repeated or interrupted run recomputes only what is missing,
 and the result is the same for any number of workers.
@@ -26,7 +26,8 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from soundwatch.audio import decode_audio
-from soundwatch.features import FeatureExtractor, FeatureSpec
+from soundwatch.features import FeatureExtractor, FeatureSpec, WindowFeatures
+from soundwatch.physics import PHYSICS_VERSION
 from tools.train.augment import AugmentConfig, augmented_copies
 from tools.train.scan import ClipRecord
 from tools.train.spec import spec_digest
@@ -41,12 +42,16 @@ DEFAULT_SHARD_CLIPS = 64
 class FeatureSet:
     """Model windows with the clip each came from.
 
-    ``x`` has shape ``(n, n_mfcc, n_frames)``; ``clip[i]`` indexes the scan's
-    records; ``copy[i]`` is 0 for the clip itself and ``j >= 1`` for its
-    ``j``-th augmented copy.
+    ``x`` has shape ``(n, n_mfcc, n_frames)``, ``p`` ``(n, n_physics)``;
+    ``valid_s`` and ``clipped`` are each window's quality; ``clip[i]``
+    indexes the scan's records; ``copy[i]`` is 0 for the clip itself and
+    ``j >= 1`` for its ``j``-th augmented copy.
     """
 
     x: F32
+    p: F32
+    valid_s: F32
+    clipped: F32
     clip: npt.NDArray[np.int32]
     copy: npt.NDArray[np.int8]
 
@@ -54,7 +59,14 @@ class FeatureSet:
         return int(self.x.shape[0])
 
     def select(self, mask: npt.NDArray[np.bool_]) -> FeatureSet:
-        return FeatureSet(self.x[mask], self.clip[mask], self.copy[mask])
+        return FeatureSet(
+            self.x[mask],
+            self.p[mask],
+            self.valid_s[mask],
+            self.clipped[mask],
+            self.clip[mask],
+            self.copy[mask],
+        )
 
     def originals(self) -> FeatureSet:
         """Only the non-augmented windows."""
@@ -81,10 +93,10 @@ def clip_windows(
     augment: bool,
     config: AugmentConfig,
     seed: int,
-) -> list[F32]:
+) -> list[WindowFeatures]:
     """The window of a decoded clip, then those of its augmented copies."""
     copies = augmented_copies(y, rel_path, seed, config) if augment else []
-    return [extractor.model_input(v) for v in (y, *copies)]
+    return [extractor.analyse(v) for v in (y, *copies)]
 
 
 def _run_shard(job: _ShardJob) -> Path:
@@ -93,6 +105,8 @@ def _run_shard(job: _ShardJob) -> Path:
 
     extractor = FeatureExtractor(job.spec)
     xs: list[F32] = []
+    ps: list[F32] = []
+    quality: list[tuple[float, float]] = []
     clips: list[int] = []
     copies: list[int] = []
     # One BLAS thread per worker: the workers already use every core.
@@ -107,13 +121,19 @@ def _run_shard(job: _ShardJob) -> Path:
                 config=job.config,
                 seed=job.seed,
             )
-            xs.extend(windows)
+            xs.extend(w.mfcc for w in windows)
+            ps.extend(w.physics for w in windows)
+            quality.extend((w.quality.valid_s, w.quality.clipped_fraction) for w in windows)
             clips.extend([job.first_index + offset] * len(windows))
             copies.extend(range(len(windows)))
     tmp = job.out_path.with_suffix(".tmp.npz")
+    q = np.asarray(quality, dtype=np.float32).reshape(-1, 2)
     np.savez(
         tmp,
         x=np.stack(xs).astype(np.float32),
+        p=np.stack(ps).astype(np.float32),
+        valid_s=q[:, 0],
+        clipped=q[:, 1],
         clip=np.asarray(clips, dtype=np.int32),
         copy=np.asarray(copies, dtype=np.int8),
     )
@@ -129,6 +149,7 @@ def _shard_key(job: _ShardJob, digest: str) -> str:
         items.append([rec.rel_path, st.st_size, st.st_mtime_ns, aug])
     doc = {
         "spec": digest,
+        "physics": PHYSICS_VERSION,
         "augment": job.config.as_dict() if any(job.augment) else None,
         "seed": job.seed if any(job.augment) else None,
         "first": job.first_index,
@@ -210,11 +231,14 @@ def _run_jobs(jobs: Sequence[_ShardJob], workers: int, progress: bool) -> None:
 
 def _load_shards(paths: Sequence[Path]) -> FeatureSet:
     """Concatenate shards into one preallocated array (no second full copy)."""
-    clips, copies = [], []
+    clips, copies, ps, valid, clipped = [], [], [], [], []
     for path in paths:
         with np.load(path) as npz:
             clips.append(npz["clip"])
             copies.append(npz["copy"])
+            ps.append(npz["p"])
+            valid.append(npz["valid_s"])
+            clipped.append(npz["clipped"])
     total = sum(len(c) for c in clips)
     x: F32 | None = None
     start = 0
@@ -227,4 +251,11 @@ def _load_shards(paths: Sequence[Path]) -> FeatureSet:
         start += len(part)
     if x is None:
         raise ValueError("no feature shards to load")
-    return FeatureSet(x, np.concatenate(clips), np.concatenate(copies))
+    return FeatureSet(
+        x,
+        np.concatenate(ps),
+        np.concatenate(valid),
+        np.concatenate(clipped),
+        np.concatenate(clips),
+        np.concatenate(copies),
+    )

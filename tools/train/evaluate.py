@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -33,10 +33,46 @@ THRESHOLD_FLOOR = 0.5
 MAX_FALSE_VOTE_RATE = 0.01
 
 
-def predict_int8(bundle_dir: Path, x_raw: F32) -> F32:
+class Inputs(NamedTuple):
+    """Model inputs of ``n`` windows: MFCCs ``(n, rows, frames)`` and physics ``(n, p)``."""
+
+    x: F32
+    p: F32
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def take(self, idx: npt.NDArray[Any]) -> Inputs:
+        return Inputs(self.x[idx], self.p[idx])
+
+
+def as_model_inputs(inputs: Inputs) -> list[F32]:
+    """The Keras model's inputs: ``[mfcc (n, rows, frames, 1), physics (n, p)]``."""
+    return [inputs.x[..., None].astype(np.float32), inputs.p.astype(np.float32)]
+
+
+def predict_int8(bundle_dir: Path, raw: Inputs) -> F32:
     """Probabilities of the bundle's int8 model for raw (unnormalised) windows."""
     clf = Classifier(load_bundle(bundle_dir), threads=1)
-    out: F32 = np.stack([clf.predict(w) for w in x_raw]).astype(np.float32)
+    out: F32 = np.stack(
+        [clf.probabilities(x, p) for x, p in zip(raw.x, raw.p, strict=True)]
+    ).astype(np.float32)
+    return out
+
+
+def typical_distances(bundle_dir: Path, raw: Inputs, probs: F32) -> F32:
+    """Each window's distance from the training windows of the class the model chose."""
+    bundle = load_bundle(bundle_dir)
+    clf = Classifier(bundle, threads=1)
+    assert bundle.typical is not None
+    chosen = probs.argmax(axis=1)
+    out: F32 = np.asarray(
+        [
+            bundle.typical.distance(clf.embedding(x, p), int(c))
+            for x, p, c in zip(raw.x, raw.p, chosen, strict=True)
+        ],
+        dtype=np.float32,
+    )
     return out
 
 
@@ -51,20 +87,28 @@ def _interpreter(model: Path | bytes, threads: int = 1) -> Any:
     return interp
 
 
-def predict_tflite(model: Path | bytes, x_norm: F32) -> F32:
-    """Probabilities of a TFLite model (float, or int8 in and out) for normalised windows."""
+def _quantise(detail: dict[str, Any], value: F32) -> npt.NDArray[Any]:
+    if detail["dtype"] != np.int8:
+        return value.astype(detail["dtype"])
+    scale, zero = detail["quantization"]
+    return np.clip(np.round(value / scale) + zero, -128, 127).astype(np.int8)
+
+
+def predict_tflite(model: Path | bytes, normalised: Inputs) -> F32:
+    """Probabilities of a TFLite model (float, or int8 in and out) for normalised inputs."""
     interp = _interpreter(model)
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    in_scale, in_zero = inp["quantization"] if inp["dtype"] == np.int8 else (0.0, 0)
+    details = interp.get_input_details()
+    mfcc = next(d for d in details if len(d["shape"]) == 4)
+    physics = next(d for d in details if len(d["shape"]) == 2)
+    out = interp.get_output_details()[0]
     out_scale, out_zero = out["quantization"] if out["dtype"] == np.int8 else (0.0, 0)
     probs = []
-    for w in x_norm:
-        if in_scale:
-            w = np.clip(np.round(w / in_scale) + in_zero, -128, 127)
-        interp.set_tensor(inp["index"], w[None, :, :, None].astype(inp["dtype"]))
+    for x, p in zip(normalised.x, normalised.p, strict=True):
+        interp.set_tensor(mfcc["index"], _quantise(mfcc, x[None, :, :, None]))
+        interp.set_tensor(physics["index"], _quantise(physics, p[None, :]))
         interp.invoke()
-        p = interp.get_tensor(out["index"]).reshape(-1).astype(np.float32)
-        probs.append((p - out_zero) * out_scale if out_scale else p)
+        q = interp.get_tensor(out["index"]).reshape(-1).astype(np.float32)
+        probs.append((q - out_zero) * out_scale if out_scale else q)
     result: F32 = np.stack(probs).astype(np.float32)
     return result
 
@@ -72,9 +116,8 @@ def predict_tflite(model: Path | bytes, x_norm: F32) -> F32:
 def ms_per_window(model_path: Path, repeats: int = 200) -> float:
     """Median milliseconds of one ``invoke`` on one thread (LiteRT)."""
     interp = _interpreter(model_path, threads=1)
-    detail = interp.get_input_details()[0]
-    x = np.zeros(detail["shape"], dtype=detail["dtype"])
-    interp.set_tensor(detail["index"], x)
+    for detail in interp.get_input_details():
+        interp.set_tensor(detail["index"], np.zeros(detail["shape"], dtype=detail["dtype"]))
     for _ in range(10):
         interp.invoke()
     times = []
@@ -85,15 +128,15 @@ def ms_per_window(model_path: Path, repeats: int = 200) -> float:
     return float(np.median(times) * 1e3)
 
 
-def ms_per_predict(bundle_dir: Path, window: F32, repeats: int = 200) -> float:
-    """Median milliseconds of ``Classifier.predict`` (normalise, quantise, invoke)."""
+def ms_per_predict(bundle_dir: Path, x: F32, p: F32, repeats: int = 200) -> float:
+    """Median milliseconds of ``Classifier.probabilities`` (normalise, quantise, invoke)."""
     clf = Classifier(load_bundle(bundle_dir), threads=1)
     for _ in range(10):
-        clf.predict(window)
+        clf.probabilities(x, p)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        clf.predict(window)
+        clf.probabilities(x, p)
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
 
@@ -154,6 +197,47 @@ def score(
             snr_key[s]: confusion_matrix(y_true[snr_db == s], y_pred[snr_db == s], n) for s in snrs
         },
     )
+
+
+def unknown_share(distances: F32, probs: F32, typical: Any) -> dict[str, float]:
+    """How many windows read as unknown (``unknown`` ≥ 0.5, and > 0)."""
+    chosen = probs.argmax(axis=1)
+    u = np.asarray(
+        [typical.unknown(float(d), int(c)) for d, c in zip(distances, chosen, strict=True)]
+    )
+    return {
+        "unknown_at_least_half": round(float(np.mean(u >= 0.5)), 4),
+        "unknown_above_zero": round(float(np.mean(u > 0)), 4),
+        "median_distance": round(float(np.median(distances)), 3),
+    }
+
+
+def score_with_unknown(
+    y_true: I32,
+    probs: F32,
+    unknown: npt.NDArray[np.bool_],
+    snr_db: npt.NDArray[np.int64],
+    class_names: Sequence[str],
+    normal_class: str = "normal",
+) -> dict[str, Any]:
+    """Accuracy when a window read as unknown counts as wrong, and the normal windows
+    called a fault (unknown is not a fault)."""
+    y_pred = probs.argmax(axis=1)
+    correct = (y_pred == y_true) & ~unknown
+    normal = class_names.index(normal_class)
+    fault_called = (y_pred != normal) & ~unknown
+    snrs = sorted({int(s) for s in snr_db})
+    return {
+        "accuracy": round(float(correct.mean()), 4),
+        "per_snr": {f"{s:+d} dB": _acc(snr_db == s, correct) for s in snrs},
+        "per_class": {c: _acc(y_true == i, correct) for i, c in enumerate(class_names)},
+        "per_class_snr": {
+            c: {f"{s:+d} dB": _acc((y_true == i) & (snr_db == s), correct) for s in snrs}
+            for i, c in enumerate(class_names)
+        },
+        "unknown": round(float(unknown.mean()), 4),
+        "normal_called_fault": _acc(y_true == normal, fault_called),
+    }
 
 
 def agreement(probs_a: F32, probs_b: F32) -> dict[str, float]:

@@ -19,14 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from soundwatch.bundle import write_bundle
+from soundwatch.bundle import Typical, write_bundle
 from soundwatch.features import FeatureSpec
 
 logger = logging.getLogger(__name__)
 
 
 def git_commit(repo: Path) -> str | None:
-    """``HEAD``'s commit, with ``+dirty`` if the tree has changes; None without git."""
+    """``HEAD``'s commit, with ``+dirty`` if the tree has changes; None without git.
+
+    (Ship bundles trained from a committed tree: ``+dirty`` says the code
+    that made the model is not the commit named.)"""
     try:
         head = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],
@@ -67,6 +70,9 @@ def export_bundle(
     messages: Mapping[str, str],
     input_mean: np.ndarray | None,
     input_std: np.ndarray | None,
+    physics_mean: np.ndarray,
+    physics_std: np.ndarray,
+    typical: Typical | None,
     thresholds: Mapping[str, float],
     provenance: Mapping[str, Any],
     metrics: Mapping[str, Any],
@@ -86,6 +92,9 @@ def export_bundle(
         messages=messages,
         input_mean=input_mean,
         input_std=input_std,
+        physics_mean=physics_mean,
+        physics_std=physics_std,
+        typical=typical,
         thresholds=thresholds,
         provenance={
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -28,6 +28,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from tools.train.arch import build_model, compile_model
+from tools.train.evaluate import Inputs
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +125,38 @@ class InputGrid:
 
 
 @dataclass(frozen=True)
+class PhysicsNorm:
+    """Standardisation of the physics vector, exactly as ``Classifier.prepare_physics`` does."""
+
+    mean: F32
+    std: F32
+
+    @classmethod
+    def fit(cls, p: F32) -> PhysicsNorm:
+        mean = p.astype(np.float64).mean(axis=0)
+        std = p.astype(np.float64).std(axis=0)
+        return cls(mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32))
+
+    def apply(self, p: F32) -> F32:
+        inv = (1.0 / self.std).astype(np.float32)
+        out: F32 = ((p - self.mean) * inv).astype(np.float32)
+        return out
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, physics_mean=self.mean, physics_std=self.std)
+
+    @classmethod
+    def load(cls, path: Path) -> PhysicsNorm:
+        with np.load(path) as npz:
+            return cls(npz["physics_mean"], npz["physics_std"])
+
+
+@dataclass(frozen=True)
 class FitSettings:
     arch: str
     n_classes: int
+    n_physics: int
     epochs: int
     batch_size: int
     learning_rate: float
@@ -176,7 +206,7 @@ def _sample_weights(y: I32, n_classes: int) -> F32:
     return out
 
 
-def _batches(x: F32, y: I32, w: F32, order: npt.NDArray[np.int64], batch_size: int) -> Any:
+def _batches(x: Inputs, y: F32, w: F32, order: npt.NDArray[np.int64], batch_size: int) -> Any:
     """The epoch's batches, gathered on demand (no shuffled copy of the whole set)."""
     import keras
 
@@ -184,19 +214,21 @@ def _batches(x: F32, y: I32, w: F32, order: npt.NDArray[np.int64], batch_size: i
         def __len__(self) -> int:
             return math.ceil(len(order) / batch_size)
 
-        def __getitem__(self, i: int) -> tuple[F32, I32, F32]:
+        def __getitem__(self, i: int) -> tuple[tuple[F32, F32], F32, F32]:
             idx = order[i * batch_size : (i + 1) * batch_size]
-            return x[idx][..., None], y[idx], w[idx]
+            return (x.x[idx][..., None], x.p[idx]), y[idx], w[idx]
 
     return _Batches()
 
 
-def _run_key(settings: FitSettings, y_train: I32, y_val: I32, x_train: F32) -> str:
+def _run_key(settings: FitSettings, y_train: F32, y_val: I32, x_train: Inputs) -> str:
     """Identifies a run, so ``--resume`` never continues a different one."""
     h = hashlib.sha256(json.dumps(settings.__dict__, sort_keys=True).encode())
     h.update(y_train.tobytes())
     h.update(y_val.tobytes())
-    h.update(np.ascontiguousarray(x_train[:: max(1, len(x_train) // 64)]).tobytes())
+    step = max(1, len(x_train) // 64)
+    h.update(np.ascontiguousarray(x_train.x[::step]).tobytes())
+    h.update(np.ascontiguousarray(x_train.p[::step]).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -221,9 +253,9 @@ class _BatchBar:
 
 
 def fit(
-    x_train: F32,
-    y_train: I32,
-    x_val: F32,
+    x_train: Inputs,
+    y_train: F32,
+    x_val: Inputs,
     y_val: I32,
     settings: FitSettings,
     ckpt_dir: Path,
@@ -231,7 +263,11 @@ def fit(
     resume: bool,
     progress: bool = True,
 ) -> FitResult:
-    """Train, keep the best epoch's weights in ``ckpt_dir/best.weights.h5``."""
+    """Train, keep the best epoch's weights in ``ckpt_dir/best.weights.h5``.
+
+    ``y_train`` holds soft labels ``(n, n_classes)`` (rows sum to 1); ``y_val``
+    hard labels.
+    """
     import keras
 
     seed_everything(settings.seed)
@@ -248,15 +284,19 @@ def fit(
             logger.info("no matching checkpoint in %s: training from scratch", ckpt_dir)
         state = {"key": key, "epoch": 0, "best_epoch": 0, "best_score": -1.0, "history": []}
         model = build_model(
-            settings.arch, x_train.shape[1:3], settings.n_classes, settings.grid_limit
+            settings.arch,
+            x_train.x.shape[1:3],
+            settings.n_physics,
+            settings.n_classes,
+            settings.grid_limit,
         )
         steps_total = settings.epochs * math.ceil(len(x_train) / settings.batch_size)
         compile_model(model, settings.learning_rate, steps_total)
     params = int(model.count_params())
     state["params"] = params
-    sample_weight = _sample_weights(y_train, settings.n_classes)
+    sample_weight = _sample_weights(y_train.argmax(axis=1).astype(np.int32), settings.n_classes)
     steps = math.ceil(len(x_train) / settings.batch_size)
-    x_val4 = x_val[..., None]
+    x_val_in = (x_val.x[..., None], x_val.p)
     epochs = tqdm(
         range(state["epoch"] + 1, settings.epochs + 1),
         desc=f"fit {settings.arch}",
@@ -270,13 +310,13 @@ def fit(
         bar = _BatchBar(steps, f"epoch {epoch}", progress)
         batches = _batches(x_train, y_train, sample_weight, order, settings.batch_size)
         hist = model.fit(batches, epochs=1, shuffle=False, verbose=0, callbacks=[bar.callback])
-        probs = model.predict(x_val4, batch_size=256, verbose=0)
+        probs = model.predict(x_val_in, batch_size=256, verbose=0)
         val_loss = float(np.mean(-np.log(np.maximum(probs[np.arange(len(y_val)), y_val], 1e-7))))
         score = balanced_accuracy(y_val, probs.argmax(axis=1).astype(np.int32), settings.n_classes)
         row = {
             "epoch": epoch,
             "loss": float(hist.history["loss"][0]),
-            "accuracy": float(hist.history["accuracy"][0]),
+            "accuracy": float(hist.history["categorical_accuracy"][0]),
             "val_loss": val_loss,
             "val_balanced_accuracy": score,
         }
@@ -313,11 +353,12 @@ def load_best(
     ckpt_dir: Path,
     arch: str,
     input_shape: tuple[int, int],
+    n_physics: int,
     n_classes: int,
     input_limit: float | None,
 ) -> Any:
     """The best epoch's network (for conversion)."""
-    model = build_model(arch, input_shape, n_classes, input_limit)
+    model = build_model(arch, input_shape, n_physics, n_classes, input_limit)
     model.load_weights(ckpt_dir / "best.weights.h5")
     return model
 

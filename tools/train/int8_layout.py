@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tools.train.arch import _layer_classes
-from tools.train.evaluate import predict_tflite
+from tools.train.evaluate import Inputs, as_model_inputs, predict_tflite
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +75,46 @@ def applies(model: Any) -> bool:
     return all(f"{path}_filters" in names for path in MOVEMENT_PATHS)
 
 
-def rearranged(model: Any, windows: F32, strength: float = 1.0) -> Any:
+PHYSICS_PATH = (
+    "physics_int8",
+    "physics_dense1",
+    "physics_dropout1",
+    "physics_dense2",
+    "physics_dropout2",
+    "physics_logits",
+)
+
+
+def rearranged(model: Any, windows: Inputs, strength: float = 1.0) -> Any:
     """``model`` with its movement paths rearranged for int8 (other archs: unchanged).
 
-    ``windows``: normalised ``(n, rows, frames)`` representative windows.
-    ``strength`` in [0, 1]: how far the gains equalise the statistics' ranges
-    (0: no gains, 1: every statistic spans the same range).
+    ``windows``: normalised representative inputs, ``(n, rows, frames)`` MFCC
+    windows and ``(n, n_physics)`` physics vectors. ``strength`` in [0, 1]:
+    how far the gains equalise the statistics' ranges (0: no gains, 1: every
+    statistic spans the same range). The physics branch is taken as it is.
     """
     if not applies(model):
         return model
     import keras
 
-    x = windows[..., None].astype(np.float32)
+    x = as_model_inputs(windows)
     gains = {path: _gains(_statistics(model, path, x), strength) for path in MOVEMENT_PATHS}
 
-    inputs = keras.Input(shape=model.input_shape[1:], name="mfcc")
+    mfcc_shape = next(i.shape for i in model.inputs if len(i.shape) == 4)
+    physics_shape = next(i.shape for i in model.inputs if len(i.shape) == 2)
+    inputs = keras.Input(shape=mfcc_shape[1:], name="mfcc")
+    physics = keras.Input(shape=physics_shape[1:], name="physics")
     core = model.get_layer("core_frames")(_maybe(model, "int8_input")(inputs))
     envelope = _reuse(model, ("means", "envelope_flat", "envelope_bn", "envelope_logits"), core)
     c0 = _movement(model, "c0", "loudness_movement", model.get_layer("c0")(core), gains["c0"])
     rest = _movement(model, "rest", "shape_movement", model.get_layer("c1_up")(core), gains["rest"])
-    logits = model.get_layer("logits")([envelope, c0, rest])
-    out = keras.Model(inputs, model.get_layer("probs")(logits), name=f"{model.name}_int8_layout")
+    phys = physics
+    for name in PHYSICS_PATH:
+        phys = _maybe(model, name)(phys)
+    logits = model.get_layer("logits")([envelope, c0, rest, phys])
+    out = keras.Model(
+        [inputs, physics], model.get_layer("probs")(logits), name=f"{model.name}_int8_layout"
+    )
 
     _check_same_function(model, out, x)
     for path, g in gains.items():
@@ -119,7 +138,7 @@ def _reuse(model: Any, names: tuple[str, ...], x: Any) -> Any:
     return x
 
 
-def _statistics(model: Any, path: str, x: F32) -> F32:
+def _statistics(model: Any, path: str, x: list[F32]) -> F32:
     """The path's time-mean statistics ``(n, rows, filters)`` of the trained network."""
     import keras
 
@@ -162,7 +181,8 @@ def _movement(model: Any, path: str, head: str, x: Any, gains: F32) -> Any:
     # rounding errors away. (One kernel over all 425 frames was about as
     # accurate, but its weights are 214 KB.)
     block = _block_size(frames)
-    blocks = layers.DepthwiseConv2D((1, block), strides=(1, block), name=f"{path}_row_blocks")
+    # Equal strides (TF's CPU kernel takes no other); the row axis has size 1.
+    blocks = layers.DepthwiseConv2D((1, block), strides=(block, block), name=f"{path}_row_blocks")
     stats = _layer_classes()["TimeMean"](name=f"{path}_row_stats")
     flat = layers.Flatten(name=f"{path}_row_flat")
     dense = layers.Dense(int(model.get_layer(f"{head}_logits").units), name=f"{path}_row_logits")
@@ -192,13 +212,17 @@ def _block_size(frames: int) -> int:
     return next(d for d in range(MIN_BLOCK, frames + 1) if frames % d == 0)
 
 
-def _batched(model: Any, x: F32) -> F32:
+def _batched(model: Any, x: list[F32]) -> F32:
     """``model(x)`` in inference mode, :data:`BATCH` windows at a time."""
-    parts = [np.asarray(model(x[i : i + BATCH], training=False)) for i in range(0, len(x), BATCH)]
+    n = len(x[0])
+    parts = [
+        np.asarray(model([a[i : i + BATCH] for a in x], training=False))
+        for i in range(0, n, BATCH)
+    ]
     return np.concatenate(parts).astype(np.float32)
 
 
-def _check_same_function(model: Any, out: Any, x: F32) -> None:
+def _check_same_function(model: Any, out: Any, x: list[F32]) -> None:
     diff = float(np.max(np.abs(_batched(model, x) - _batched(out, x))))
     if diff > MAX_PROBABILITY_DIFFERENCE:
         raise RuntimeError(
@@ -229,7 +253,7 @@ class LayoutChoice:
 
 
 def best_layout(
-    model: Any, representative: F32, validation: F32, convert: Callable[[Any], bytes]
+    model: Any, representative: Inputs, validation: Inputs, convert: Callable[[Any], bytes]
 ) -> LayoutChoice:
     """Convert ``statpool`` at each of :data:`STRENGTHS`, keep the best on ``validation``.
 
@@ -239,7 +263,7 @@ def best_layout(
     """
     if not applies(model):
         return LayoutChoice(convert(model), None, {}, {})
-    reference = _batched(model, validation[..., None])
+    reference = _batched(model, as_model_inputs(validation))
     best: tuple[float, float, float, bytes] | None = None
     agreement, diff = {}, {}
     for strength in STRENGTHS:

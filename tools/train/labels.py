@@ -1,12 +1,18 @@
-"""Class labels: fault types from metadata, or the seeds' PCA + k-means pseudo-labels.
+"""Class labels: fault types from metadata, or the reference service's PCA + k-means pseudo-labels.
 
-Real MIMII says only normal / abnormal. The seeds clustered the abnormal
+Simulated clips carry their fault type and, for a clip that straddles a
+change of state, the share of the clip each state fills: that share is its
+soft label (a clip half normal and half imbalanced is labelled 0.5 / 0.5),
+so the model's probability follows how much of the window holds the fault
+rather than jumping at an arbitrary point of a ramp.
+
+Real MIMII says only normal / abnormal. The reference service clustered the abnormal
 clips (PCA, then k-means with k = 3) and called each cluster a fault type.
 That path is kept for data without fault types, with two choices made
 explicit and measurable on the simulator, where the truth is known:
 
 * each clip is summarised by the mean and standard deviation over time of
-  each coefficient (the seeds flattened the 40x433 image, which makes the
+  each coefficient (the reference service flattened the 40x433 image, which makes the
   time position of a stationary sound a feature);
 * optionally, each (unit, SNR) group's mean normal summary is subtracted
   first, because a fault is a change relative to that unit's own healthy
@@ -25,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from soundwatch.bundle import SEED_CLASSES, SEED_MESSAGES
+from soundwatch.bundle import REFERENCE_CLASSES, REFERENCE_MESSAGES
 from tools.train.scan import ClipRecord, has_fault_labels
 
 logger = logging.getLogger(__name__)
@@ -40,13 +46,22 @@ class LabelError(ValueError):
 
 @dataclass(frozen=True)
 class LabelSet:
-    """One integer label per scanned clip, and what each integer means."""
+    """One label per scanned clip: the class it mostly is, and its soft label."""
 
     class_names: tuple[str, ...]
     labels: npt.NDArray[np.int32]
     source: str
     messages: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    soft: npt.NDArray[np.float32] | None = None  # (clips, classes); None: one-hot
+
+    def soft_labels(self) -> npt.NDArray[np.float32]:
+        """``(clips, classes)`` targets; one-hot where the data has no shares."""
+        if self.soft is not None:
+            return self.soft
+        out = np.zeros((len(self.labels), len(self.class_names)), dtype=np.float32)
+        out[np.arange(len(self.labels)), self.labels] = 1.0
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,17 +69,20 @@ class LabelSet:
             "messages": self.messages,
             "source": self.source,
             "labels": self.labels.tolist(),
+            "soft": None if self.soft is None else np.round(self.soft, 4).tolist(),
             "details": self.details,
         }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> LabelSet:
+        soft = doc.get("soft")
         return cls(
             class_names=tuple(doc["class_names"]),
             labels=np.asarray(doc["labels"], dtype=np.int32),
             source=doc["source"],
             messages=dict(doc["messages"]),
             details=dict(doc.get("details", {})),
+            soft=None if soft is None else np.asarray(soft, dtype=np.float32),
         )
 
     def write(self, path: Path) -> None:
@@ -81,15 +99,32 @@ def labels_from_metadata(records: Sequence[ClipRecord]) -> LabelSet:
     if not has_fault_labels(records):
         raise LabelError("some abnormal clips have no fault type; use pseudo-labels")
     faults = sorted({r.fault for r in records} - {NORMAL})
-    if set(faults) <= set(SEED_CLASSES):
-        # Keep the seeds' class order so the bundle's outputs mean what they did.
-        names = tuple(c for c in SEED_CLASSES if c == NORMAL or c in faults)
+    if set(faults) <= set(REFERENCE_CLASSES):
+        # Keep the reference service's class order so the bundle's outputs mean what they did.
+        names = tuple(c for c in REFERENCE_CLASSES if c == NORMAL or c in faults)
     else:
         names = (NORMAL, *faults)
     index = {name: i for i, name in enumerate(names)}
     labels = np.asarray([index[r.fault] for r in records], dtype=np.int32)
-    messages = {n: SEED_MESSAGES.get(n, f"Fault: {n}") for n in names}
-    return LabelSet(names, labels, "metadata", messages)
+    soft = np.zeros((len(records), len(names)), dtype=np.float32)
+    soft[np.arange(len(records)), labels] = 1.0
+    straddling = 0
+    for i, r in enumerate(records):
+        if not r.fractions:
+            continue
+        shares = json.loads(r.fractions)
+        if len(shares) > 1:
+            straddling += 1
+        unknown = set(shares) - set(index)
+        if unknown:
+            raise LabelError(f"{r.rel_path}: states {sorted(unknown)} are not classes {names}")
+        soft[i] = 0.0
+        for state, share in shares.items():
+            soft[i, index[state]] = float(share)
+        soft[i] /= soft[i].sum()
+    messages = {n: REFERENCE_MESSAGES.get(n, f"Fault: {n}") for n in names}
+    details = {"straddling_clips": straddling}
+    return LabelSet(names, labels, "metadata", messages, details, soft)
 
 
 def clip_summary(x: F32, n_real_frames: int) -> F32:
@@ -125,7 +160,7 @@ def pseudo_labels(
     pca_components: int = 16,
     relative_to_normal: bool = True,
 ) -> LabelSet:
-    """The seeds' pseudo fault labels: PCA then k-means on the abnormal clips.
+    """The reference service's pseudo fault labels: PCA then k-means on the abnormal clips.
 
     ``x`` holds the non-augmented windows of the clips ``clip_idx`` (every
     clip needs one). Normal clips get label 0; abnormal clips get
@@ -157,7 +192,7 @@ def pseudo_labels(
     per_clip = np.zeros(len(records), dtype=np.int32)
     per_clip[clip_idx[abnormal]] = 1 + rank[km.labels_]
     names = (NORMAL, *(f"fault_{k + 1}" for k in range(n_clusters)))
-    messages = {NORMAL: SEED_MESSAGES[NORMAL]}
+    messages = {NORMAL: REFERENCE_MESSAGES[NORMAL]}
     messages.update({n: f"Component abnormal ({n}, unsupervised cluster)" for n in names[1:]})
     details: dict[str, Any] = {
         "method": "PCA + k-means on abnormal, non-augmented clips",

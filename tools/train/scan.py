@@ -3,7 +3,7 @@
 MIMII's layout is ``<snr>_dB_<machine>/<machine>/id_XX/{normal,abnormal}/N.wav``.
 Real MIMII has no fault types; the simulator writes them to ``metadata.csv``
 at the root (columns include ``path``, ``snr_db``, ``unit``, ``split`` and
-``fault``). The report plays the part of the seeds' ``WavFileHelper``: sample
+``fault``). The report plays the part of the reference service's ``WavFileHelper``: sample
 rates, channel counts and bit depths, so a mixed or unexpected tree is seen
 before hours are spent on it.
 """
@@ -56,6 +56,15 @@ class ClipRecord:
     channels: int
     subtype: str
     frames: int
+    # From the simulator's metadata: the share of the clip each state fills
+    # (JSON, for clips that straddle a change) and the families of the
+    # simulated world it was drawn from ("room=live noise=pink ...").
+    fractions: str = ""
+    families: str = ""
+
+    @property
+    def family(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.families.split())
 
     @property
     def bit_depth(self) -> int | None:
@@ -68,7 +77,7 @@ class ClipRecord:
 
 @dataclass(frozen=True)
 class ScanReport:
-    """What the seeds' WavFileHelper told about a dataset, and a bit more."""
+    """What the reference service's WavFileHelper told about a dataset, and a bit more."""
 
     n_files: int
     sample_rates_hz: dict[int, int]
@@ -118,8 +127,8 @@ def _parse_path(rel: Path) -> tuple[int, str, str, str]:
     return int(m["snr"]), machine, unit, condition
 
 
-def _read_fault_metadata(root: Path) -> dict[str, str] | None:
-    """``rel_path -> fault`` from ``metadata.csv``, or None without one."""
+def _read_fault_metadata(root: Path) -> dict[str, dict[str, str]] | None:
+    """``rel_path -> row`` from ``metadata.csv``, or None without one."""
     path = root / METADATA_FILE
     if not path.is_file():
         return None
@@ -128,20 +137,32 @@ def _read_fault_metadata(root: Path) -> dict[str, str] | None:
         missing = {"path", "fault"} - set(reader.fieldnames or ())
         if missing:
             raise ScanError(f"{path}: missing columns {sorted(missing)}")
-        return {Path(row["path"]).as_posix(): row["fault"].strip() for row in reader}
+        return {Path(row["path"]).as_posix(): row for row in reader}
 
 
-def _fault_of(condition: str, rel: str, faults: dict[str, str] | None, meta: Path) -> str:
+def _fault_of(
+    condition: str, rel: str, rows: dict[str, dict[str, str]] | None, meta: Path
+) -> str:
     if condition == "normal":
         return "normal"
-    if faults is None:
+    if rows is None:
         return ""
-    fault = faults.get(rel)
-    if fault is None:
+    row = rows.get(rel)
+    if row is None:
         raise ScanError(f"{meta}: no row for {rel}")
+    fault = row["fault"].strip()
     if not fault or fault == "normal":
         raise ScanError(f"{meta}: abnormal clip {rel} has fault {fault!r}")
     return fault
+
+
+def _extras(rel: str, rows: dict[str, dict[str, str]] | None) -> tuple[str, str]:
+    """``(fractions, families)`` of a clip from the simulator's metadata ("" without)."""
+    row = (rows or {}).get(rel, {})
+    families = " ".join(
+        f"{k.removeprefix('family_')}={v}" for k, v in sorted(row.items()) if k.startswith("family_")
+    )
+    return row.get("fractions", ""), families
 
 
 def scan_tree(root: Path) -> list[ClipRecord]:
@@ -163,6 +184,7 @@ def scan_tree(root: Path) -> list[ClipRecord]:
         except (sf.LibsndfileError, RuntimeError) as e:
             raise ScanError(f"{path}: unreadable WAV ({e})") from e
         rel_posix = rel.as_posix()
+        fractions, families = _extras(rel_posix, faults)
         records.append(
             ClipRecord(
                 rel_path=rel_posix,
@@ -175,6 +197,8 @@ def scan_tree(root: Path) -> list[ClipRecord]:
                 channels=int(info.channels),
                 subtype=str(info.subtype),
                 frames=int(info.frames),
+                fractions=fractions,
+                families=families,
             )
         )
     if not records:
