@@ -115,6 +115,8 @@ class Runtime:
         self._latest_state: State | None = None
         self._recent: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS)
         self._listeners: list[Listener] = []
+        # What the edges beside the pipeline report about themselves (e.g. "http").
+        self._edges: dict[str, Mapping[str, Any]] = {}
         self._running = False
         self._ended = False
         self.block_peak_dbfs = float("-inf")
@@ -141,6 +143,10 @@ class Runtime:
     @property
     def hop_s(self) -> float:
         return self._features.hop_s
+
+    def report_edge(self, name: str, status: Mapping[str, Any]) -> None:
+        """Show an edge's own status (where the HTTP API listens, why not) in health."""
+        self._edges[name] = dict(status)
 
     def add_listener(self, listener: Listener) -> None:
         """Called with every message (state and events) after it is built."""
@@ -225,6 +231,7 @@ class Runtime:
                 **self.control.health(),
                 "channels": {c.name: c.health() for c in self.channels},
             },
+            **{name: dict(status) for name, status in self._edges.items()},
             "windows": self.stats.windows,
             "events": dict(self.stats.events),
             "uptime_s": round(time.time() - self.stats.started_at, 1),

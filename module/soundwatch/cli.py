@@ -185,7 +185,8 @@ def _load_config(args: argparse.Namespace) -> Config:
         raise UsageError(str(e)) from e
 
 
-def _http_options(args: argparse.Namespace) -> Any:
+def _http_options(args: argparse.Namespace, *, beside_pipeline: bool) -> Any:
+    """The HTTP options; beside a pipeline, a missing token moves the API to loopback."""
     from soundwatch.http.options import HttpConfigError, http_options
 
     try:
@@ -196,6 +197,7 @@ def _http_options(args: argparse.Namespace) -> Any:
             max_upload_mb=args.http_max_upload_mb,
             upload_timeout_s=args.http_upload_timeout,
             classifiers=args.http_classifiers,
+            loopback_without_token=beside_pipeline,
         )
     except HttpConfigError as e:
         raise UsageError(f"--http: {e}") from e
@@ -224,14 +226,20 @@ def _build_runtime(config: Config) -> Runtime | None:
 
 
 def _start_http(options: Any, bundle: Bundle, runtime: Runtime | None) -> HttpServer | None:
+    """The running server, or ``None`` (said on stderr; beside a pipeline, also in health)."""
     from soundwatch.http.options import build_server
     from soundwatch.http.server import ServerError
 
     try:
-        return build_server(options, bundle, runtime).start()
+        server = build_server(options, bundle, runtime).start()
     except ServerError as e:
-        _fail(f"http: {e}")
+        _fail(f"http: {e}" + ("; the pipeline runs without it" if runtime is not None else ""))
+        if runtime is not None:
+            runtime.report_edge("http", {**options.describe(), "listening": None, "error": str(e)})
         return None
+    if runtime is not None:
+        runtime.report_edge("http", options.describe())
+    return server
 
 
 # --- the commands ------------------------------------------------------------------------------
@@ -239,17 +247,15 @@ def _start_http(options: Any, bundle: Bundle, runtime: Runtime | None) -> HttpSe
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args)
-    options = _http_options(args) if args.http else None  # refused before anything starts
+    # Malformed options are refused before anything starts; a missing token or a
+    # port in use never stop the pipeline (the API moves to loopback, or is left out).
+    options = _http_options(args, beside_pipeline=True) if args.http else None
     runtime = _build_runtime(config)
     if runtime is None:
         return EXIT_FAILED
     stop = threading.Event()
     _stop_on_signals(stop)
-    http = None
-    if options is not None:
-        http = _start_http(options, runtime.bundle, runtime)
-        if http is None:
-            stop.set()  # the sinks are flushed and closed on the way out
+    http = _start_http(options, runtime.bundle, runtime) if options is not None else None
     logger.info(
         "running: source=%s hop=%.3f s model=%s sinks=%s",
         config.source.type,
@@ -262,7 +268,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if http is not None:
             http.stop()
-    return code if http is not None or options is None else EXIT_FAILED
+    return code
 
 
 def _cmd_mic(args: argparse.Namespace) -> int:
@@ -276,11 +282,13 @@ def _cmd_mic(args: argparse.Namespace) -> int:
     config = _load_config(args)
     if config.source.type == "mic":
         _list_devices(as_json=False)
+    options = _http_options(args, beside_pipeline=True) if args.http else None
     runtime = _build_runtime(config)
     if runtime is None:
         return EXIT_FAILED
     stop = threading.Event()
     _stop_on_signals(stop)
+    http = _start_http(options, runtime.bundle, runtime) if options is not None else None
     worker = threading.Thread(target=runtime.run, args=(stop,), name="pipeline", daemon=True)
     tty = sys.stdout.isatty() and not args.plain
     if not tty:
@@ -295,6 +303,8 @@ def _cmd_mic(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         worker.join(timeout=15)
+        if http is not None:
+            http.stop()
     if tty:
         for ev in reversed(runtime.recent_events(1000)):
             print(f"event #{ev.seq} {ev.kind} {ev.class_name} ({ev.message})")
@@ -348,7 +358,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from soundwatch.bundle import BundleError, load_bundle
     from soundwatch.model import ModelError
 
-    options = _http_options(args)
+    options = _http_options(args, beside_pipeline=False)
     logging.getLogger("soundwatch").setLevel(
         min(logging.getLogger("soundwatch").getEffectiveLevel(), logging.INFO)
     )
