@@ -36,6 +36,7 @@ from soundwatch.decision import DecisionConfigError, DecisionState, ModelClasses
 from soundwatch.events import Event, EventFactory, Message, SequenceCounter, State, to_wire
 from soundwatch.features import FeatureExtractor, FeatureSpec
 from soundwatch.model import Classifier
+from soundwatch.native_log import litert_banner_to_log
 from soundwatch.resample import StreamResampler
 from soundwatch.sinks import Sink, SinkContext, make_sink
 from soundwatch.sources import Source, open_source
@@ -96,6 +97,7 @@ class Runtime:
     ) -> None:
         self.config = config
         self.bundle = bundle or load_bundle(config.model.bundle)
+        litert_banner_to_log(self.bundle.model_path)  # to logging, not bare to stderr
         self.classifier = Classifier(self.bundle, threads=config.model.threads)
         self.extractor = FeatureExtractor(self.bundle.spec)
         config.state_dir.mkdir(parents=True, exist_ok=True)

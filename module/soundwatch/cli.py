@@ -229,7 +229,9 @@ def _start_http(options: Any, bundle: Bundle, runtime: Runtime | None) -> HttpSe
     """The running server, or ``None`` (said on stderr; beside a pipeline, also in health)."""
     from soundwatch.http.options import build_server
     from soundwatch.http.server import ServerError
+    from soundwatch.native_log import litert_banner_to_log
 
+    litert_banner_to_log(bundle.model_path)  # the server's classifiers may be the first
     try:
         server = build_server(options, bundle, runtime).start()
     except ServerError as e:
@@ -391,9 +393,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from soundwatch.bundle import BundleError, load_bundle
     from soundwatch.classify import ClipClassifier
     from soundwatch.model import ModelError
+    from soundwatch.native_log import litert_banner_to_log
 
     try:
-        classifier = ClipClassifier(load_bundle(args.bundle), threads=args.threads)
+        bundle = load_bundle(args.bundle)
+        litert_banner_to_log(bundle.model_path)
+        classifier = ClipClassifier(bundle, threads=args.threads)
     except (BundleError, ModelError) as e:
         return _fail(f"model: {e}")
     failures = 0
