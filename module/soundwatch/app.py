@@ -125,17 +125,26 @@ class Runtime:
         self.block_rms_dbfs = float("-inf")
         self.recorder = Recorder(config.record_dir) if config.record_dir else None
         self.source = source or open_source(config.source)
-        self.sinks = sinks if sinks is not None else [make_sink(s) for s in config.sinks]
-        # Events the console sink prints are not logged again (once on a terminal).
-        self._log_events = not any(s.type_name == "console" for s in self.sinks)
         context = SinkContext(
             origin=self.events.origin,
             class_names=self.bundle.class_names,
             health=self.health,
             latest_state=lambda: self._latest_state,
         )
-        for sink in self.sinks:
-            sink.bind(context)
+        if sinks is None:
+            # Each sink is bound as soon as it is built, before its worker can
+            # have connected: an MQTT sink then knows to announce itself only
+            # with a state of this run.
+            sinks = []
+            for sink_config in config.sinks:
+                sinks.append(make_sink(sink_config))
+                sinks[-1].bind(context)
+        else:
+            for sink in sinks:
+                sink.bind(context)
+        self.sinks = sinks
+        # Events the console sink prints are not logged again (once on a terminal).
+        self._log_events = not any(s.type_name == "console" for s in self.sinks)
         self.control = ControlPlane(self)
         self.channels: list[Channel] = open_channels(self.sinks, self.control)
         self.control.start()
@@ -264,6 +273,12 @@ class Runtime:
                 closing = self._decision.finish()
             for out in closing:
                 self._publish(self.events.build(out))
+            last = self._latest_state
+            if last is not None and last.active_class is not None:
+                # Dashboards keep the last retained state: it must not show an
+                # anomaly that this process has just closed.
+                self._latest_state = self.events.ended(last)
+                self._publish(self._latest_state)
             self._ended = True
             self._close_sinks()
             self._running = False

@@ -51,7 +51,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import cache
 from importlib import resources
@@ -489,6 +489,23 @@ class EventFactory:
             ending = Ending(output.anomaly_id, output.reason, output.duration_s)
             return self._event("anomaly_ended", output, str(uuid.uuid4()), ending)
         return self._state(output)
+
+    def ended(self, state: State) -> State:
+        """``state`` once the stream has ended: the same last window, no anomaly active.
+
+        The decision closes an active anomaly at the end of a stream (an
+        ``anomaly_ended`` with reason ``stream_end``); this is the state that
+        goes with it, so a retained state never outlives its process showing
+        an anomaly.
+        """
+        return replace(
+            state,
+            anomaly=False,
+            message=self._messages[self._normal],
+            active_class=None,
+            anomaly_id=None,
+            emitted_at=self._clock(),
+        )
 
     def _state(self, state: WindowState) -> State:
         w = state.window
