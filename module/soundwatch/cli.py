@@ -167,6 +167,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["window.hop_s"] = args.hop
     if args.sink is not None:
         out["sinks"] = list(args.sink)
+    if args.ha_discovery:
+        mqtt = [s for s in out.get("sinks", []) if s["type"] == "mqtt"]
+        if not mqtt:
+            raise UsageError(
+                "--ha-discovery applies to --sink mqtt://... sinks; in a config file, set "
+                "ha_discovery: {enabled: true} on the mqtt sink"
+            )
+        for sink in mqtt:
+            sink["ha_discovery"] = {"enabled": True}
     if args.state_dir:
         out["state_dir"] = str(args.state_dir)
     if args.bundle:
@@ -633,6 +642,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         action="append",
         help="console | jsonl:PATH | mqtt[s]://[user@]host[:port] (repeatable)",
     )
+    p.add_argument(
+        "--ha-discovery",
+        action="store_true",
+        help="announce the --sink mqtt://... sinks to Home Assistant (MQTT discovery)",
+    )
     pace = p.add_mutually_exclusive_group()
     pace.add_argument(
         "--realtime",
@@ -686,6 +700,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             "soundwatch run --config config/demo.yaml",
             "soundwatch run --source file:fan.wav --fast --sink jsonl:events.jsonl",
             "soundwatch run --sink mqtt://broker.local --http 0.0.0.0:5000 --http-token $TOKEN",
+            "soundwatch run --source mic:USB --sink mqtt://homeassistant.local --ha-discovery",
         ],
         func=_cmd_run,
         parents=parents,
