@@ -33,6 +33,7 @@ from soundwatch.channels import Channel, open_channels
 from soundwatch.config import Config, ConfigError, apply_patch
 from soundwatch.control import ControlPlane
 from soundwatch.decision import DecisionConfigError, DecisionState, ModelClasses, WindowResult
+from soundwatch.device_audio import DeviceAudioRing
 from soundwatch.events import Event, EventFactory, Message, SequenceCounter, State, to_wire
 from soundwatch.features import FeatureExtractor, FeatureSpec
 from soundwatch.model import Classifier
@@ -416,6 +417,8 @@ class Recorder:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        # Set by the bench mic mode: the device's own audio is saved beside the model's.
+        self.device_audio: DeviceAudioRing | None = None
 
     def save(self, window: FeatureWindow, event: Event) -> Path | None:
         if window.samples is None:
@@ -424,6 +427,7 @@ class Recorder:
         path = self.directory / f"{stem}.wav"
         try:
             sf.write(path, window.samples, window.sample_rate_hz, subtype="PCM_16")
+            self._save_device_audio(window, self.directory / f"{stem}.device.wav")
             doc = json.dumps(to_wire(event), indent=2) + "\n"
             (self.directory / f"{stem}.json").write_text(doc, encoding="utf-8")
         except (OSError, sf.LibsndfileError) as e:  # a full disk must not stop detection
@@ -431,6 +435,16 @@ class Recorder:
             return None
         logger.info("recorded event window to %s", path)
         return path
+
+    def _save_device_audio(self, window: FeatureWindow, path: Path) -> None:
+        if self.device_audio is None:
+            return
+        audio = self.device_audio.segment(window.start_s, window.end_s)
+        if audio is None:
+            logger.warning("the device audio of %s is no longer buffered", path.name)
+            return
+        subtype = "PCM_16" if audio.samples.dtype == np.int16 else "FLOAT"
+        sf.write(path, audio.samples, audio.rate_hz, subtype=subtype)
 
 
 def _with_discontinuity(block: AudioBlock) -> AudioBlock:

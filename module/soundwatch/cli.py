@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from soundwatch.events import Message
     from soundwatch.http.server import HttpServer
     from soundwatch.micview import MicSnapshot
+    from soundwatch.sources import Source
 
 logger = logging.getLogger("soundwatch")
 
@@ -212,7 +213,7 @@ def _http_options(args: argparse.Namespace, *, beside_pipeline: bool) -> Any:
         raise UsageError(f"--http: {e}") from e
 
 
-def _build_runtime(config: Config) -> Runtime | None:
+def _build_runtime(config: Config, source: Source | None = None) -> Runtime | None:
     from soundwatch.app import Runtime, apply_log_level
     from soundwatch.bundle import BundleError
     from soundwatch.config import ConfigError
@@ -222,7 +223,7 @@ def _build_runtime(config: Config) -> Runtime | None:
 
     apply_log_level(config.log_level)
     try:
-        return Runtime(config)
+        return Runtime(config, source=source)
     except (BundleError, ModelError) as e:
         _fail(f"model: {e}")
     except SourceError as e:
@@ -284,19 +285,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_mic(args: argparse.Namespace) -> int:
     """Local mic test mode: live level, probabilities, decision and events."""
-    from soundwatch.micview import render
+    import shutil
+
+    from soundwatch.micview import event_line, render
 
     if args.source is None:
-        args.source = {"type": "mic", "device": args.device}
+        device = args.device
+        args.source = {
+            "type": "mic",
+            "device": int(device) if device and device.isdigit() else device,
+        }
     if not args.sink:
         args.sink = []  # the view shows events; add --sink to also keep them
     config = _load_config(args)
+    ring = None
     if config.source.type == "mic":
-        _list_devices(as_json=False)
+        if _list_devices(as_json=False) != EXIT_OK:
+            return EXIT_FAILED
+        problem = _missing_device(config.source.device)
+        if problem:  # at the bench, say so now instead of retrying in the background
+            return _fail(
+                f"{problem}\n  pick one from the list above: soundwatch mic --device NAME|INDEX"
+            )
+        if config.record_dir is not None:
+            from soundwatch.device_audio import DeviceAudioRing
+
+            ring = DeviceAudioRing(seconds=2 * config.window.window_s + 5)
     options = _http_options(args, beside_pipeline=True) if args.http else None
-    runtime = _build_runtime(config)
+    source = None
+    if ring is not None:
+        from soundwatch.sources import open_source
+
+        source = open_source(config.source)
+        source.raw_tap = ring.add  # type: ignore[attr-defined]  # a MicSource
+    runtime = _build_runtime(config, source=source)
     if runtime is None:
         return EXIT_FAILED
+    if ring is not None and runtime.recorder is not None:
+        runtime.recorder.device_audio = ring
     stop = threading.Event()
     _stop_on_signals(stop)
     http = _start_http(options, runtime.bundle, runtime) if options is not None else None
@@ -309,7 +335,9 @@ def _cmd_mic(args: argparse.Namespace) -> int:
         while worker.is_alive():
             worker.join(timeout=0.2)
             if tty:
-                sys.stdout.write("\x1b[H\x1b[2J" + render(_mic_snapshot(runtime, config)) + "\n")
+                width = max(40, shutil.get_terminal_size().columns - 1)
+                screen = render(_mic_snapshot(runtime, config), width=width)
+                sys.stdout.write("\x1b[H\x1b[2J" + screen + "\n")
                 sys.stdout.flush()
     finally:
         stop.set()
@@ -317,9 +345,26 @@ def _cmd_mic(args: argparse.Namespace) -> int:
         if http is not None:
             http.stop()
     if tty:
+        from soundwatch.events import to_wire
+
         for ev in reversed(runtime.recent_events(1000)):
-            print(f"event #{ev.seq} {ev.kind} {ev.class_name} ({ev.message})")
+            print(event_line(to_wire(ev)))
     return EXIT_OK
+
+
+def _missing_device(device: str | int | None) -> str | None:
+    """Why ``device`` cannot be opened now (no match, several matches), or ``None``."""
+    from soundwatch.sources import SourceError, list_input_devices
+    from soundwatch.sources.mic import match_input_device
+
+    try:
+        devices = list_input_devices()
+        if device is None:
+            return None if any(d["is_default"] for d in devices) else "no default input device"
+        match_input_device(device, devices)
+    except SourceError as e:
+        return str(e)
+    return None
 
 
 def _mic_snapshot(runtime: Runtime, config: Config) -> MicSnapshot:
@@ -341,6 +386,7 @@ def _mic_snapshot(runtime: Runtime, config: Config) -> MicSnapshot:
         events=[to_wire(e) for e in runtime.recent_events(6)],
         hop_s=runtime.hop_s,
         recording_dir=str(config.record_dir) if config.record_dir else None,
+        train_rate_hz=runtime.bundle.spec.train_rate_hz or runtime.bundle.spec.sample_rate_hz,
     )
 
 
@@ -359,10 +405,10 @@ def _print_plain(message: Message) -> None:
             flush=True,
         )
     else:
-        print(
-            f"EVENT #{message.seq} {message.kind} {message.class_name}: {message.message}",
-            flush=True,
-        )
+        from soundwatch.events import to_wire
+        from soundwatch.micview import event_line
+
+        print(event_line(to_wire(message)), flush=True)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
