@@ -104,6 +104,10 @@ def test_page_shows_live_state_and_classifies_an_upload(browser: Any, tmp_path: 
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#events-body tr td.num"))
         wait.until(lambda d: _text(d, "health-text") == "healthy")
         assert _text(browser, "model-version") == runtime.bundle.model_version
+        # Which unit this page is about: the device id, and the source as opened.
+        assert _text(browser, "device-id") == runtime.config.device_id
+        wait.until(lambda d: _text(d, "source").startswith(f"{runtime.config.source.type}: "))
+        assert Path(runtime.source.health().device).name in _text(browser, "source")
         assert "dBFS" in _text(browser, "rms-value")
         live_rows = browser.find_elements(By.CSS_SELECTOR, "#live-probs .bar")
         assert len(live_rows) == len(runtime.bundle.classes)

@@ -156,6 +156,16 @@ class Runtime:
     def hop_s(self) -> float:
         return self._features.hop_s
 
+    def describe_source(self) -> str:
+        """The source for a person: its kind and what it reads (``mic: USB``, ``file: a.wav``)."""
+        src = self.config.source
+        what = getattr(src, "device", None) or getattr(src, "path", None)
+        if src.type == "mic" and what is None:
+            what = "default device"
+        if src.type == "simulator":
+            what = f"unit {getattr(src, 'unit', '?')}"
+        return f"{src.type}: {Path(what).name if src.type == 'file' else what}"
+
     def report_edge(self, name: str, status: Mapping[str, Any]) -> None:
         """Show an edge's own status (where the HTTP API listens, why not) in health."""
         self._edges[name] = dict(status)

@@ -348,11 +348,15 @@ def _health(api: Api) -> tuple[Response, int]:
 
 
 def _index(api: Api) -> str:
+    runtime = api.runtime
     return render_template(
         "index.html",
         version=__version__,
         mode=api.mode,
         model_version=api.bundle.model_version,
+        device_id=runtime.config.device_id if runtime is not None else None,
+        source_type=runtime.config.source.type if runtime is not None else "",
+        source=runtime.describe_source() if runtime is not None else "none (uploads only)",
         auth_required=api.settings.token is not None,
         max_upload_bytes=api.settings.max_upload_bytes,
         max_upload_mib=f"{api.settings.max_upload_bytes / MIB:g}",
