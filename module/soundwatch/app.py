@@ -159,12 +159,13 @@ class Runtime:
     def describe_source(self) -> str:
         """The source for a person: its kind and what it reads (``mic: USB``, ``file: a.wav``)."""
         src = self.config.source
-        what = getattr(src, "device", None) or getattr(src, "path", None)
-        if src.type == "mic" and what is None:
-            what = "default device"
-        if src.type == "simulator":
-            what = f"unit {getattr(src, 'unit', '?')}"
-        return f"{src.type}: {Path(what).name if src.type == 'file' else what}"
+        if src.type == "file":
+            what = Path(src.path).name
+        elif src.type == "simulator":
+            what = f"unit {src.unit}"
+        else:
+            what = "default device" if src.device is None else str(src.device)
+        return f"{src.type}: {what}"
 
     def report_edge(self, name: str, status: Mapping[str, Any]) -> None:
         """Show an edge's own status (where the HTTP API listens, why not) in health."""
