@@ -226,3 +226,113 @@ def test_a_port_in_use_does_not_stop_the_pipeline(container_factory: Any) -> Non
         code, err = c.stop()
     assert code == 0, err[-3000:]
     assert f"cannot listen on 0.0.0.0:{port}" in err and "the pipeline runs without it" in err
+
+
+# --- compose.yaml: soundwatch with mosquitto, for plain Docker ------------------------------
+
+COMPOSE = ROOT / "compose.yaml"
+
+
+def _interpolate(value: str) -> str:
+    """Compose's ``${VAR:-default}`` with nothing set: the defaults."""
+    return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
+
+
+def compose_environment() -> dict[str, str]:
+    import yaml
+
+    doc = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    env = doc["services"]["soundwatch"]["environment"]
+    return {k: _interpolate(str(v)) for k, v in env.items()}
+
+
+def _docker_compose() -> list[str] | None:
+    """``docker compose`` when this machine has the plugin (it needs no engine for config)."""
+    import shutil
+
+    docker = shutil.which("docker")
+    if docker is None:
+        return None
+    probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
+    return [docker, "compose"] if probe.returncode == 0 else None
+
+
+def _check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    """Docker's own ``docker compose config`` where it exists; else the Compose
+    Specification's JSON Schema (check-jsonschema's vendored copy)."""
+    compose = _docker_compose()
+    if compose is not None:
+        argv = [*compose, "-f", str(path), "config", "--quiet"]
+    else:
+        exe = Path(sys.executable).parent / "check-jsonschema"
+        if not exe.exists():
+            pytest.fail("neither `docker compose` nor check-jsonschema (the dev extra) is here")
+        argv = [str(exe), "--builtin-schema", "vendor.compose-spec", str(path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOUNDWATCH")}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=path.parent)
+
+
+def test_compose_file_is_valid() -> None:
+    proc = _check_compose(COMPOSE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_validation_is_not_a_formality(tmp_path: Path) -> None:
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(
+        COMPOSE.read_text(encoding="utf-8").replace('- "5000:5000"', "- {published: [5000]}"),
+        encoding="utf-8",
+    )
+    assert _check_compose(broken).returncode != 0
+
+
+def test_compose_runs_the_image_with_mosquitto_and_home_assistant_discovery(
+    tmp_path: Path,
+) -> None:
+    import yaml
+
+    from soundwatch.config import load_config
+
+    doc = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    services = doc["services"]
+    assert set(services) == {"soundwatch", "mosquitto"}
+    soundwatch = services["soundwatch"]
+    dockerfile = _interpolate(soundwatch["build"]["dockerfile"])
+    assert (ROOT / dockerfile).is_file() and dockerfile == DOCKERFILE.name
+    assert "/dev/snd:/dev/snd" in soundwatch["devices"] and "audio" in soundwatch["group_add"]
+    assert "5000:5000" in soundwatch["ports"]
+    assert any(v.endswith(":/var/lib/soundwatch") for v in soundwatch["volumes"])
+    env = compose_environment()
+    assert env["SOUNDWATCH_HTTP_TOKEN"] == ""  # unset: the case that must not crash-loop
+    image_config = tmp_path / "config.yaml"  # the image's own, which the env overrides
+    image_config.write_text(image_config_text(), encoding="utf-8")
+    config = load_config(
+        image_config, env={k: v for k, v in env.items() if k != "SOUNDWATCH_HTTP_TOKEN"}
+    )
+    mqtt = [s for s in config.sinks if s.type == "mqtt"]
+    assert [(s.host, s.ha_discovery.enabled) for s in mqtt] == [("mosquitto", True)]  # type: ignore[union-attr]
+    assert config.source.device == "default"  # type: ignore[union-attr]
+    assert "1883:1883" in services["mosquitto"]["ports"]
+
+
+@pytest.mark.slow
+def test_image_command_with_the_compose_environment_runs_the_pipeline(
+    container_factory: Any,
+) -> None:
+    c = container_factory(compose_environment())
+    c.wait_for_states(2)
+    health = requests.get(f"http://127.0.0.1:{c.port}/health", timeout=5).json()
+    assert health["http"]["restricted"] and health["source"]["device"] == "default"
+    code, err = c.stop()
+    assert code == 0, err[-3000:]
+
+
+def test_the_manifest_publishes_the_api_port() -> None:
+    """How the page is reached from the LAN: the port binding, plus the token."""
+    doc = json.loads(TEMPLATE.read_text(encoding="utf-8"))
+    module = doc["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["soundwatch"]
+    options = module["settings"]["createOptions"]
+    assert options["HostConfig"]["PortBindings"]["5000/tcp"] == [{"HostPort": "5000"}]
+    assert "5000/tcp" in options["ExposedPorts"]
+    assert module["env"]["SOUNDWATCH_HTTP_TOKEN"]["value"] == "${SOUNDWATCH_HTTP_TOKEN}"
+    assert "SOUNDWATCH_HTTP_TOKEN" in (ROOT / "module" / "module.json").read_text(encoding="utf-8")
