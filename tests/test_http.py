@@ -131,7 +131,7 @@ def assert_error(r: requests.Response, status: int, code: str, *words: str) -> d
     return doc
 
 
-# --- POST /inference: the seeds' contract -----------------------------------------
+# --- POST /inference: the reference service's contract -----------------------------------------
 
 
 def test_inference_keeps_the_seeds_json_shape(
@@ -140,7 +140,7 @@ def test_inference_keeps_the_seeds_json_shape(
     r = post(server.url + "/inference", audio["ok"])
     assert r.status_code == 200, r.text
     doc = r.json()
-    # The seeds' exact shape first ...
+    # The reference service's exact shape first ...
     assert isinstance(doc["Anomaly"], bool)
     assert set(doc["Details"]) == {"Message", "Probabilities"}
     probs = doc["Details"]["Probabilities"]

@@ -772,7 +772,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = subs["serve"] = _subcommand(
         sub,
         "serve",
-        summary="serve the HTTP API with the model only (no audio source), as the seeds did",
+        summary="serve the HTTP API with the model only, as the reference service did",
         description="Serve POST /inference, /info, /health, the web page and /metrics with the "
         "model bundle, without capturing audio.",
         examples=[
@@ -791,9 +791,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         sub,
         "classify",
         summary="classify audio files (WAV, FLAC, OGG; any rate)",
-        description="The seeds' whole-clip verdict for each file (the first ~10 s): the "
-        "seeds' JSON with the file and class names. Bad files get an error and the others "
-        "are still classified; the exit code is 1 if any failed.",
+        description="The reference service's whole-clip verdict for each file (the first "
+        "~10 s): its JSON, with the file and class names. Bad files get an error and the "
+        "others are still classified; the exit code is 1 if any failed.",
         examples=["soundwatch classify fan.wav", "soundwatch classify --json clips/*.flac"],
         func=_cmd_classify,
         parents=parents,
