@@ -392,7 +392,7 @@ def test_docs_render_the_readme(server: HttpServer, bundle: Bundle, tmp_path: Pa
     )
     with running_server(bundle, readme_path=readme) as srv:
         html = requests.get(srv.url + "/docs", timeout=5).text
-    assert "<h1>Fan line watch</h1>" in html
+    assert '<h1 id="fan-line-watch">Fan line watch</h1>' in html  # GitHub's anchor ids
     assert "<td><code>/health</code></td>" in html
     assert "[picture: the page]" in html and "<img" not in html
     assert "<script>alert" not in html and "&lt;script&gt;" in html
