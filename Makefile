@@ -35,7 +35,7 @@ lint: setup-test
 	$(BIN)/mypy
 
 # The image's runtime set on aarch64 under qemu: bundle, sample clips and a stream
-# must give what they give on x86_64 (README, "How this is verified").
+# must give what they give on x86_64 (docs/verification.md).
 arm64-check: setup-test
 	$(BIN)/python tools/arm64-check --quick
 
@@ -43,7 +43,7 @@ bench: setup-train
 	$(BIN)/python -m tools.bench
 
 train: setup-train
-	# No augmented copies: on the simulated line they cost held-out accuracy (README, "The model").
+	# No augmented copies: on the simulated line they cost held-out accuracy (docs/model.md, "Augmentation").
 	$(BIN)/python -m tools.train all --out module/soundwatch/models/fan --seed 0 --augment-copies 0
 	$(BIN)/python -m tools.make_samples
 
