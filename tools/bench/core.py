@@ -59,7 +59,7 @@ class Stat:
 
 @dataclass(frozen=True)
 class Target:
-    """A goal from the issue: on the ratio (reference/soundwatch) or on soundwatch's median."""
+    """A target: on the ratio (reference/soundwatch) or on soundwatch's median."""
 
     on: str  # "ratio" or "soundwatch"
     op: str  # ">=", "<=", "<"
