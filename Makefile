@@ -9,6 +9,11 @@ BIN := $(VENV)/bin
 APT_RUN := libportaudio2 python3-venv
 APT_TEST := $(APT_RUN) mosquitto mosquitto-clients openssl sox alsa-utils chromium chromium-driver
 export PYTHONDONTWRITEBYTECODE := 1
+# The venv's own installers, at known versions whatever the machine ships
+# (Debian 12's python3-venv brings pip 23.0.1 and no wheel). Every pip run of
+# the set-up, tools/paho1-venv.sh and tools/arm64-check goes through them.
+PIP_BOOTSTRAP := pip==25.2 setuptools==80.9.0 wheel==0.45.1
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
 .PHONY: run test pytest bench lint train arm64-check clean setup-run setup-test setup-train
 
@@ -30,7 +35,7 @@ lint: setup-test
 	$(BIN)/mypy
 
 # The image's runtime set on aarch64 under qemu: bundle, sample clips and a stream
-# must give what they give on x86_64 (README, "How this is verified").
+# must give what they give on x86_64 (docs/verification.md).
 arm64-check: setup-test
 	$(BIN)/python tools/arm64-check --quick
 
@@ -51,18 +56,24 @@ $(VENV)/.system-run-ok:
 	$(PYTHON) -m venv $(VENV)
 	touch $@
 
-$(VENV)/.run-ok: pyproject.toml $(VENV)/.system-run-ok
-	$(BIN)/pip install -q --disable-pip-version-check -e .
+# Remade when PIP_BOOTSTRAP changes (the stamp holds it).
+$(VENV)/.pip-ok: $(VENV)/.system-run-ok Makefile
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(PIP_BOOTSTRAP)" ]; then \
+		echo "$(PIP) $(PIP_BOOTSTRAP)"; $(PIP) $(PIP_BOOTSTRAP) && echo "$(PIP_BOOTSTRAP)" > $@; \
+	else touch $@; fi
+
+$(VENV)/.run-ok: pyproject.toml $(VENV)/.pip-ok
+	$(PIP) -e .
 	touch $@
 
-$(VENV)/.test-ok: pyproject.toml $(VENV)/.system-run-ok
+$(VENV)/.test-ok: pyproject.toml $(VENV)/.pip-ok
 	tools/setup-system.sh $(APT_TEST)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PIP) -e '.[dev]'
 	touch $@
 
-$(VENV)/.train-ok: pyproject.toml $(VENV)/.system-run-ok
+$(VENV)/.train-ok: pyproject.toml $(VENV)/.pip-ok
 	tools/setup-system.sh $(APT_TEST)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,dev]'
+	$(PIP) -e '.[train,dev]'
 	touch $@
 
 clean:

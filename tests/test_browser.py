@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 
+from soundwatch.bundle import load_bundle
 from tests.httpkit import TOKEN, bundle_dir, make_runtime, run_until_events, running_server
 from tests.httpkit import write_wav as write_clip
 
@@ -104,6 +105,10 @@ def test_page_shows_live_state_and_classifies_an_upload(browser: Any, tmp_path: 
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#events-body tr td.num"))
         wait.until(lambda d: _text(d, "health-text") == "healthy")
         assert _text(browser, "model-version") == runtime.bundle.model_version
+        # Which unit this page is about: the device id, and the source as opened.
+        assert _text(browser, "device-id") == runtime.config.device_id
+        wait.until(lambda d: _text(d, "source").startswith(f"{runtime.config.source.type}: "))
+        assert Path(runtime.source.health().device).name in _text(browser, "source")
         assert "dBFS" in _text(browser, "rms-value")
         live_rows = browser.find_elements(By.CSS_SELECTOR, "#live-probs .bar")
         assert len(live_rows) == len(runtime.bundle.classes)
@@ -159,3 +164,23 @@ def test_page_asks_for_the_token_and_reports_bad_uploads(browser: Any, tmp_path:
         assert browser.find_element(By.ID, "result").get_attribute("data-state") == "done"
         assert _text(browser, "result-label") in bundle.class_names
         browser.execute_script("localStorage.clear()")
+
+
+def test_docs_show_their_pictures_and_link_to_the_reference_pages(browser: Any) -> None:
+    bundle = load_bundle(bundle_dir())
+    _console_errors(browser)  # what earlier tests left in the log
+    with running_server(bundle) as srv:
+        browser.get(srv.url + "/docs")
+        pictures = browser.find_elements(By.CSS_SELECTOR, "article img")
+        assert pictures
+        WebDriverWait(browser, 10).until(
+            lambda d: all(
+                d.execute_script("return arguments[0].naturalWidth", p) > 0 for p in pictures
+            )
+        )
+        browser.find_element(By.LINK_TEXT, "MQTT and Home Assistant").click()
+        WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith("/docs/mqtt.md"))
+        assert browser.find_element(By.TAG_NAME, "h1").text == "MQTT and Home Assistant"
+        browser.find_element(By.LINK_TEXT, "commands.md").click()
+        WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith("/docs/commands.md"))
+        assert not _console_errors(browser)

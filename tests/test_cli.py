@@ -73,14 +73,16 @@ def test_one_name_per_option_and_errors_show_the_subcommands_usage(tmp_path: Pat
     proc = soundwatch("run", "--source", "radio:1")
     assert proc.returncode == 2 and "usage: soundwatch run" in proc.stderr
     assert "unknown source 'radio:1'" in proc.stderr
-    # So is a bad configuration, and an unsafe HTTP bind, before anything starts.
+    # So is a bad configuration, before anything starts.
     bad = tmp_path / "bad.yaml"
     bad.write_text("decision:\n  confirm_k: 9\n")
     proc = soundwatch("run", "--config", str(bad))
     assert proc.returncode == 2 and "usage: soundwatch run" in proc.stderr
     assert "confirm_k (9) must not exceed confirm_n (5)" in proc.stderr
-    proc = soundwatch("run", "--source", "simulator", "--http", "0.0.0.0:0")
-    assert proc.returncode == 2 and "usage: soundwatch run" in proc.stderr
+    # An unsafe bind is a usage error of `serve`, whose only job is the API. (`run`
+    # moves the API to loopback instead: tests/test_image_run.py.)
+    proc = soundwatch("serve", "--http", "0.0.0.0:0")
+    assert proc.returncode == 2 and "usage: soundwatch serve" in proc.stderr
     assert "--http-token" in proc.stderr and "--http-no-auth" in proc.stderr
 
 
@@ -143,3 +145,21 @@ def test_selftest_runs_without_the_cli_and_leaves_the_environment_alone(tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "('stream', 'pass')" in proc.stdout, proc.stdout
+
+
+def test_the_runtime_banner_goes_through_logging(tmp_path: Path) -> None:
+    """LiteRT prints 'INFO: Created TensorFlow Lite XNNPACK delegate' to fd 2 itself; every
+    command that builds an interpreter turns it into a DEBUG log line instead."""
+    banner = "INFO: Created TensorFlow Lite XNNPACK delegate"
+    wav = write_wav(tmp_path / "fan.wav", 12.0)
+    bundle = ["--bundle", str(bundle_dir())]
+    run = ["run", "--source", f"file:{wav}", "--fast", "--state-dir", str(tmp_path / "s"), *bundle]
+    for argv in (["classify", str(wav), *bundle], run, ["selftest", "--no-stream", *bundle]):
+        proc = soundwatch(*argv)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        bare = [line for line in proc.stderr.splitlines() if line.startswith(banner)]
+        assert not bare, f"{argv[0]}: {bare}"
+    loud = soundwatch("classify", str(wav), *bundle, "-vv")
+    assert any(
+        " DEBUG soundwatch.litert: " + banner in line for line in loud.stderr.splitlines()
+    ), loud.stderr[-2000:]

@@ -133,7 +133,7 @@ def test_documented_defaults_are_the_real_defaults() -> None:
     assert documented.model_dump() == Config().model_dump()
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "mic-bench.yaml", "file-seeds.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "mic-bench.yaml", "file-reference.yaml"])
 def test_example_configs_validate(name: str) -> None:
     root = Path(__file__).resolve().parents[1]
     load_config(root / "config" / name, env={"AUDIO_FILE": "x.wav"})

@@ -183,6 +183,33 @@ def test_every_pin_resolves_to_wheels_for_both_platforms() -> None:
     assert lock.check_wheels() == []
 
 
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+
+
+@pytest.mark.slow
+def test_the_sdist_builds_with_debians_own_pip(tmp_path: Path) -> None:
+    """A fresh Debian 12 venv has pip 23.0.1 and no ``wheel``; the lock's one sdist must
+    still build there (in an isolated build environment), before any bootstrap."""
+    if not DEBIAN_PYTHON.exists():
+        pytest.skip("no Debian python3 here")
+    venv = tmp_path / "debian-venv"
+    made = subprocess.run(
+        [str(DEBIAN_PYTHON), "-m", "venv", str(venv)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"Debian's python3-venv is not installed: {made.stderr.strip()[-200:]}")
+    python = venv / "bin" / "python"
+    has_wheel = subprocess.run([str(python), "-c", "import wheel"], capture_output=True)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from tools import lock; "
+        "problems = lock.check_wheels(arches=['x86_64']); print(problems); sys.exit(bool(problems))"
+    )
+    proc = subprocess.run(
+        [str(python), "-c", code, str(ROOT)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (has_wheel.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+
+
 # --- module.json and the deployment template ------------------------------------------------
 
 

@@ -131,7 +131,7 @@ def assert_error(r: requests.Response, status: int, code: str, *words: str) -> d
     return doc
 
 
-# --- POST /inference: the seeds' contract -----------------------------------------
+# --- POST /inference: the reference service's contract -----------------------------------------
 
 
 def test_inference_keeps_the_seeds_json_shape(
@@ -140,7 +140,7 @@ def test_inference_keeps_the_seeds_json_shape(
     r = post(server.url + "/inference", audio["ok"])
     assert r.status_code == 200, r.text
     doc = r.json()
-    # The seeds' exact shape first ...
+    # The reference service's exact shape first ...
     assert isinstance(doc["Anomaly"], bool)
     assert set(doc["Details"]) == {"Message", "Probabilities"}
     probs = doc["Details"]["Probabilities"]
@@ -392,7 +392,7 @@ def test_docs_render_the_readme(server: HttpServer, bundle: Bundle, tmp_path: Pa
     )
     with running_server(bundle, readme_path=readme) as srv:
         html = requests.get(srv.url + "/docs", timeout=5).text
-    assert "<h1>Fan line watch</h1>" in html
+    assert '<h1 id="fan-line-watch">Fan line watch</h1>' in html  # GitHub's anchor ids
     assert "<td><code>/health</code></td>" in html
     assert "[picture: the page]" in html and "<img" not in html
     assert "<script>alert" not in html and "&lt;script&gt;" in html

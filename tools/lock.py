@@ -78,6 +78,12 @@ SDIST_ALLOWED: dict[str, str] = {
     "paho-mqtt": "1.6.1, the last 1.x release, was published as an sdist only",
 }
 
+# How an allowed sdist is built: in an isolated build environment (PEP 517),
+# whatever the venv has. Debian's python3-venv brings pip 23.0.1 and no
+# `wheel`, with which pip would run `setup.py bdist_wheel` in the venv itself
+# and fail ("invalid command 'bdist_wheel'").
+SDIST_BUILD_ARGS = ("--quiet", "--no-deps", "--use-pep517")
+
 _FILE_RE = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-(?P<tags>.+)\.whl$")
 
 
@@ -207,7 +213,7 @@ def build_allowed_sdists(requirements: list[str], out: Path) -> dict[str, tuple[
         )
         (sdist,) = [p for p in sdists.iterdir() if canonical(p.name).startswith(name + "-")]
         version = sdist.name[len(name) + 1 :].removesuffix(".tar.gz").removesuffix(".zip")
-        _pip(["wheel", "--quiet", "--no-deps", "-w", str(out), str(sdist)])
+        _pip(["wheel", *SDIST_BUILD_ARGS, "-w", str(out), str(sdist)])
         wheel = next(p for p in out.glob("*.whl") if canonical(p.name).startswith(name + "-"))
         if not wheel.name.endswith("-none-any.whl"):
             raise SystemExit(f"lock: {name} built into {wheel.name}, which is not pure Python")
@@ -410,7 +416,7 @@ def check_wheels(path: Path = LOCK_PATH, arches: Sequence[str] = ARCHES) -> list
                         problems.append(f"{arch}: {filename} does not fit cp311/{arch}")
                 elif name in SDIST_ALLOWED:
                     built = Path(tmp) / f"built-{arch}"
-                    _pip(["wheel", "--quiet", "--no-deps", "-w", str(built), str(dest / filename)])
+                    _pip(["wheel", *SDIST_BUILD_ARGS, "-w", str(built), str(dest / filename)])
                     wheels = [p.name for p in built.glob("*.whl")]
                     if not all(w.endswith("-none-any.whl") for w in wheels):
                         problems.append(f"{arch}: {filename} did not build a pure wheel: {wheels}")

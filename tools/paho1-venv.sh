@@ -13,6 +13,10 @@
 #   build/venv-paho1/bin/python -m pytest tests/test_outbox.py tests/test_mqtt.py \
 #       tests/test_mqtt_outage.py tests/test_iothub.py
 #
+# Everything is installed with the main venv's pip, which `make` brings to a
+# known version first (PIP_BOOTSTRAP in the Makefile), so this does not depend
+# on the pip the machine ships; the script refuses an older one.
+#
 # Idempotent: reruns only check and exit when the venv is already complete.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -40,6 +44,11 @@ MARK="$OUT/.paho1-ok"
 
 if [ ! -x "$MAIN/bin/python" ]; then
   echo "paho1-venv: no venv at $MAIN (run 'make setup-test' first)" >&2
+  exit 1
+fi
+pip_major="$("$MAIN/bin/python" -m pip --version | awk '{split($2, v, "."); print v[1]}')"
+if [ "$pip_major" -lt 24 ]; then
+  echo "paho1-venv: $MAIN has pip $pip_major.x; run 'make setup-test' (it installs a known pip)" >&2
   exit 1
 fi
 main_site="$("$MAIN/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

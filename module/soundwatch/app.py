@@ -33,9 +33,11 @@ from soundwatch.channels import Channel, open_channels
 from soundwatch.config import Config, ConfigError, apply_patch
 from soundwatch.control import ControlPlane
 from soundwatch.decision import DecisionConfigError, DecisionState, ModelClasses, WindowResult
+from soundwatch.device_audio import DeviceAudioRing
 from soundwatch.events import Event, EventFactory, Message, SequenceCounter, State, to_wire
 from soundwatch.features import FeatureExtractor, FeatureSpec
 from soundwatch.model import Classifier
+from soundwatch.native_log import litert_banner_to_log
 from soundwatch.resample import StreamResampler
 from soundwatch.sinks import Sink, SinkContext, make_sink
 from soundwatch.sources import Source, open_source
@@ -96,6 +98,7 @@ class Runtime:
     ) -> None:
         self.config = config
         self.bundle = bundle or load_bundle(config.model.bundle)
+        litert_banner_to_log(self.bundle.model_path)  # to logging, not bare to stderr
         self.classifier = Classifier(self.bundle, threads=config.model.threads)
         self.extractor = FeatureExtractor(self.bundle.spec)
         config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -115,23 +118,34 @@ class Runtime:
         self._latest_state: State | None = None
         self._recent: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS)
         self._listeners: list[Listener] = []
+        # What the edges beside the pipeline report about themselves (e.g. "http").
+        self._edges: dict[str, Mapping[str, Any]] = {}
         self._running = False
         self._ended = False
         self.block_peak_dbfs = float("-inf")
         self.block_rms_dbfs = float("-inf")
         self.recorder = Recorder(config.record_dir) if config.record_dir else None
         self.source = source or open_source(config.source)
-        self.sinks = sinks if sinks is not None else [make_sink(s) for s in config.sinks]
-        # Events the console sink prints are not logged again (once on a terminal).
-        self._log_events = not any(s.type_name == "console" for s in self.sinks)
         context = SinkContext(
             origin=self.events.origin,
             class_names=self.bundle.class_names,
             health=self.health,
             latest_state=lambda: self._latest_state,
         )
-        for sink in self.sinks:
-            sink.bind(context)
+        if sinks is None:
+            # Each sink is bound as soon as it is built, before its worker can
+            # have connected: an MQTT sink then knows to announce itself only
+            # with a state of this run.
+            sinks = []
+            for sink_config in config.sinks:
+                sinks.append(make_sink(sink_config))
+                sinks[-1].bind(context)
+        else:
+            for sink in sinks:
+                sink.bind(context)
+        self.sinks = sinks
+        # Events the console sink prints are not logged again (once on a terminal).
+        self._log_events = not any(s.type_name == "console" for s in self.sinks)
         self.control = ControlPlane(self)
         self.channels: list[Channel] = open_channels(self.sinks, self.control)
         self.control.start()
@@ -141,6 +155,21 @@ class Runtime:
     @property
     def hop_s(self) -> float:
         return self._features.hop_s
+
+    def describe_source(self) -> str:
+        """The source for a person: its kind and what it reads (``mic: USB``, ``file: a.wav``)."""
+        src = self.config.source
+        if src.type == "file":
+            what = Path(src.path).name
+        elif src.type == "simulator":
+            what = f"unit {src.unit}"
+        else:
+            what = "default device" if src.device is None else str(src.device)
+        return f"{src.type}: {what}"
+
+    def report_edge(self, name: str, status: Mapping[str, Any]) -> None:
+        """Show an edge's own status (where the HTTP API listens, why not) in health."""
+        self._edges[name] = dict(status)
 
     def add_listener(self, listener: Listener) -> None:
         """Called with every message (state and events) after it is built."""
@@ -225,6 +254,7 @@ class Runtime:
                 **self.control.health(),
                 "channels": {c.name: c.health() for c in self.channels},
             },
+            **{name: dict(status) for name, status in self._edges.items()},
             "windows": self.stats.windows,
             "events": dict(self.stats.events),
             "uptime_s": round(time.time() - self.stats.started_at, 1),
@@ -255,6 +285,12 @@ class Runtime:
                 closing = self._decision.finish()
             for out in closing:
                 self._publish(self.events.build(out))
+            last = self._latest_state
+            if last is not None and last.active_class is not None:
+                # Dashboards keep the last retained state: it must not show an
+                # anomaly that this process has just closed.
+                self._latest_state = self.events.ended(last)
+                self._publish(self._latest_state)
             self._ended = True
             self._close_sinks()
             self._running = False
@@ -394,6 +430,8 @@ class Recorder:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        # Set by the bench mic mode: the device's own audio is saved beside the model's.
+        self.device_audio: DeviceAudioRing | None = None
 
     def save(self, window: FeatureWindow, event: Event) -> Path | None:
         if window.samples is None:
@@ -402,6 +440,7 @@ class Recorder:
         path = self.directory / f"{stem}.wav"
         try:
             sf.write(path, window.samples, window.sample_rate_hz, subtype="PCM_16")
+            self._save_device_audio(window, self.directory / f"{stem}.device.wav")
             doc = json.dumps(to_wire(event), indent=2) + "\n"
             (self.directory / f"{stem}.json").write_text(doc, encoding="utf-8")
         except (OSError, sf.LibsndfileError) as e:  # a full disk must not stop detection
@@ -409,6 +448,16 @@ class Recorder:
             return None
         logger.info("recorded event window to %s", path)
         return path
+
+    def _save_device_audio(self, window: FeatureWindow, path: Path) -> None:
+        if self.device_audio is None:
+            return
+        audio = self.device_audio.segment(window.start_s, window.end_s)
+        if audio is None:
+            logger.warning("the device audio of %s is no longer buffered", path.name)
+            return
+        subtype = "PCM_16" if audio.samples.dtype == np.int16 else "FLOAT"
+        sf.write(path, audio.samples, audio.rate_hz, subtype=subtype)
 
 
 def _with_discontinuity(block: AudioBlock) -> AudioBlock:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from soundwatch.events import Message
     from soundwatch.http.server import HttpServer
     from soundwatch.micview import MicSnapshot
+    from soundwatch.sources import Source
 
 logger = logging.getLogger("soundwatch")
 
@@ -167,6 +168,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["window.hop_s"] = args.hop
     if args.sink is not None:
         out["sinks"] = list(args.sink)
+    if args.ha_discovery:
+        mqtt = [s for s in out.get("sinks", []) if s["type"] == "mqtt"]
+        if not mqtt:
+            raise UsageError(
+                "--ha-discovery applies to --sink mqtt://... sinks; in a config file, set "
+                "ha_discovery: {enabled: true} on the mqtt sink"
+            )
+        for sink in mqtt:
+            sink["ha_discovery"] = {"enabled": True}
     if args.state_dir:
         out["state_dir"] = str(args.state_dir)
     if args.bundle:
@@ -185,7 +195,8 @@ def _load_config(args: argparse.Namespace) -> Config:
         raise UsageError(str(e)) from e
 
 
-def _http_options(args: argparse.Namespace) -> Any:
+def _http_options(args: argparse.Namespace, *, beside_pipeline: bool) -> Any:
+    """The HTTP options; beside a pipeline, a missing token moves the API to loopback."""
     from soundwatch.http.options import HttpConfigError, http_options
 
     try:
@@ -196,12 +207,13 @@ def _http_options(args: argparse.Namespace) -> Any:
             max_upload_mb=args.http_max_upload_mb,
             upload_timeout_s=args.http_upload_timeout,
             classifiers=args.http_classifiers,
+            loopback_without_token=beside_pipeline,
         )
     except HttpConfigError as e:
         raise UsageError(f"--http: {e}") from e
 
 
-def _build_runtime(config: Config) -> Runtime | None:
+def _build_runtime(config: Config, source: Source | None = None) -> Runtime | None:
     from soundwatch.app import Runtime, apply_log_level
     from soundwatch.bundle import BundleError
     from soundwatch.config import ConfigError
@@ -211,7 +223,7 @@ def _build_runtime(config: Config) -> Runtime | None:
 
     apply_log_level(config.log_level)
     try:
-        return Runtime(config)
+        return Runtime(config, source=source)
     except (BundleError, ModelError) as e:
         _fail(f"model: {e}")
     except SourceError as e:
@@ -224,14 +236,22 @@ def _build_runtime(config: Config) -> Runtime | None:
 
 
 def _start_http(options: Any, bundle: Bundle, runtime: Runtime | None) -> HttpServer | None:
+    """The running server, or ``None`` (said on stderr; beside a pipeline, also in health)."""
     from soundwatch.http.options import build_server
     from soundwatch.http.server import ServerError
+    from soundwatch.native_log import litert_banner_to_log
 
+    litert_banner_to_log(bundle.model_path)  # the server's classifiers may be the first
     try:
-        return build_server(options, bundle, runtime).start()
+        server = build_server(options, bundle, runtime).start()
     except ServerError as e:
-        _fail(f"http: {e}")
+        _fail(f"http: {e}" + ("; the pipeline runs without it" if runtime is not None else ""))
+        if runtime is not None:
+            runtime.report_edge("http", {**options.describe(), "listening": None, "error": str(e)})
         return None
+    if runtime is not None:
+        runtime.report_edge("http", options.describe())
+    return server
 
 
 # --- the commands ------------------------------------------------------------------------------
@@ -239,17 +259,15 @@ def _start_http(options: Any, bundle: Bundle, runtime: Runtime | None) -> HttpSe
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args)
-    options = _http_options(args) if args.http else None  # refused before anything starts
+    # Malformed options are refused before anything starts; a missing token or a
+    # port in use never stop the pipeline (the API moves to loopback, or is left out).
+    options = _http_options(args, beside_pipeline=True) if args.http else None
     runtime = _build_runtime(config)
     if runtime is None:
         return EXIT_FAILED
     stop = threading.Event()
     _stop_on_signals(stop)
-    http = None
-    if options is not None:
-        http = _start_http(options, runtime.bundle, runtime)
-        if http is None:
-            stop.set()  # the sinks are flushed and closed on the way out
+    http = _start_http(options, runtime.bundle, runtime) if options is not None else None
     logger.info(
         "running: source=%s hop=%.3f s model=%s sinks=%s",
         config.source.type,
@@ -262,25 +280,52 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if http is not None:
             http.stop()
-    return code if http is not None or options is None else EXIT_FAILED
+    return code
 
 
 def _cmd_mic(args: argparse.Namespace) -> int:
     """Local mic test mode: live level, probabilities, decision and events."""
-    from soundwatch.micview import render
+    import shutil
+
+    from soundwatch.micview import event_line, render
 
     if args.source is None:
-        args.source = {"type": "mic", "device": args.device}
+        device = args.device
+        args.source = {
+            "type": "mic",
+            "device": int(device) if device and device.isdigit() else device,
+        }
     if not args.sink:
         args.sink = []  # the view shows events; add --sink to also keep them
     config = _load_config(args)
+    ring = None
     if config.source.type == "mic":
-        _list_devices(as_json=False)
-    runtime = _build_runtime(config)
+        if _list_devices(as_json=False) != EXIT_OK:
+            return EXIT_FAILED
+        problem = _missing_device(config.source.device)
+        if problem:  # at the bench, say so now instead of retrying in the background
+            return _fail(
+                f"{problem}\n  pick one from the list above: soundwatch mic --device NAME|INDEX"
+            )
+        if config.record_dir is not None:
+            from soundwatch.device_audio import DeviceAudioRing
+
+            ring = DeviceAudioRing(seconds=2 * config.window.window_s + 5)
+    options = _http_options(args, beside_pipeline=True) if args.http else None
+    source = None
+    if ring is not None:
+        from soundwatch.sources import open_source
+
+        source = open_source(config.source)
+        source.raw_tap = ring.add  # type: ignore[attr-defined]  # a MicSource
+    runtime = _build_runtime(config, source=source)
     if runtime is None:
         return EXIT_FAILED
+    if ring is not None and runtime.recorder is not None:
+        runtime.recorder.device_audio = ring
     stop = threading.Event()
     _stop_on_signals(stop)
+    http = _start_http(options, runtime.bundle, runtime) if options is not None else None
     worker = threading.Thread(target=runtime.run, args=(stop,), name="pipeline", daemon=True)
     tty = sys.stdout.isatty() and not args.plain
     if not tty:
@@ -290,15 +335,36 @@ def _cmd_mic(args: argparse.Namespace) -> int:
         while worker.is_alive():
             worker.join(timeout=0.2)
             if tty:
-                sys.stdout.write("\x1b[H\x1b[2J" + render(_mic_snapshot(runtime, config)) + "\n")
+                width = max(40, shutil.get_terminal_size().columns - 1)
+                screen = render(_mic_snapshot(runtime, config), width=width)
+                sys.stdout.write("\x1b[H\x1b[2J" + screen + "\n")
                 sys.stdout.flush()
     finally:
         stop.set()
         worker.join(timeout=15)
+        if http is not None:
+            http.stop()
     if tty:
+        from soundwatch.events import to_wire
+
         for ev in reversed(runtime.recent_events(1000)):
-            print(f"event #{ev.seq} {ev.kind} {ev.class_name} ({ev.message})")
+            print(event_line(to_wire(ev)))
     return EXIT_OK
+
+
+def _missing_device(device: str | int | None) -> str | None:
+    """Why ``device`` cannot be opened now (no match, several matches), or ``None``."""
+    from soundwatch.sources import SourceError, list_input_devices
+    from soundwatch.sources.mic import match_input_device
+
+    try:
+        devices = list_input_devices()
+        if device is None:
+            return None if any(d["is_default"] for d in devices) else "no default input device"
+        match_input_device(device, devices)
+    except SourceError as e:
+        return str(e)
+    return None
 
 
 def _mic_snapshot(runtime: Runtime, config: Config) -> MicSnapshot:
@@ -320,6 +386,7 @@ def _mic_snapshot(runtime: Runtime, config: Config) -> MicSnapshot:
         events=[to_wire(e) for e in runtime.recent_events(6)],
         hop_s=runtime.hop_s,
         recording_dir=str(config.record_dir) if config.record_dir else None,
+        train_rate_hz=runtime.bundle.spec.train_rate_hz or runtime.bundle.spec.sample_rate_hz,
     )
 
 
@@ -338,17 +405,17 @@ def _print_plain(message: Message) -> None:
             flush=True,
         )
     else:
-        print(
-            f"EVENT #{message.seq} {message.kind} {message.class_name}: {message.message}",
-            flush=True,
-        )
+        from soundwatch.events import to_wire
+        from soundwatch.micview import event_line
+
+        print(event_line(to_wire(message)), flush=True)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from soundwatch.bundle import BundleError, load_bundle
     from soundwatch.model import ModelError
 
-    options = _http_options(args)
+    options = _http_options(args, beside_pipeline=False)
     logging.getLogger("soundwatch").setLevel(
         min(logging.getLogger("soundwatch").getEffectiveLevel(), logging.INFO)
     )
@@ -381,9 +448,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from soundwatch.bundle import BundleError, load_bundle
     from soundwatch.classify import ClipClassifier
     from soundwatch.model import ModelError
+    from soundwatch.native_log import litert_banner_to_log
 
     try:
-        classifier = ClipClassifier(load_bundle(args.bundle), threads=args.threads)
+        bundle = load_bundle(args.bundle)
+        litert_banner_to_log(bundle.model_path)
+        classifier = ClipClassifier(bundle, threads=args.threads)
     except (BundleError, ModelError) as e:
         return _fail(f"model: {e}")
     failures = 0
@@ -619,6 +689,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         action="append",
         help="console | jsonl:PATH | mqtt[s]://[user@]host[:port] (repeatable)",
     )
+    p.add_argument(
+        "--ha-discovery",
+        action="store_true",
+        help="announce the --sink mqtt://... sinks to Home Assistant (MQTT discovery)",
+    )
     pace = p.add_mutually_exclusive_group()
     pace.add_argument(
         "--realtime",
@@ -672,6 +747,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             "soundwatch run --config config/demo.yaml",
             "soundwatch run --source file:fan.wav --fast --sink jsonl:events.jsonl",
             "soundwatch run --sink mqtt://broker.local --http 0.0.0.0:5000 --http-token $TOKEN",
+            "soundwatch run --source mic:USB --sink mqtt://homeassistant.local --ha-discovery",
         ],
         func=_cmd_run,
         parents=parents,
@@ -697,7 +773,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = subs["serve"] = _subcommand(
         sub,
         "serve",
-        summary="serve the HTTP API with the model only (no audio source), as the seeds did",
+        summary="serve the HTTP API with the model only, as the reference service did",
         description="Serve POST /inference, /info, /health, the web page and /metrics with the "
         "model bundle, without capturing audio.",
         examples=[

@@ -8,7 +8,7 @@ Two kinds of message leave the module:
   ``event_id`` is the decision's ``anomaly_id``, and the ended event repeats
   it as ``started_event_id``; so the pair is linked without the factory
   keeping state, and rebuilding a started event gives the same id (a receiver
-  can de-duplicate on it). ``Message``/``Probabilities`` are the seeds' fields
+  can de-duplicate on it). ``Message``/``Probabilities`` are the reference service's fields
   and describe the anomaly the event reports: ``Probabilities`` is each
   class's mean over the anomaly's windows (so ``Probabilities[class] ==
   probability_mean``). ``Anomaly`` says whether the event leaves the machine
@@ -16,7 +16,7 @@ Two kinds of message leave the module:
 * :class:`State`: one per window, schema ``schemas/state.schema.json``. The
   window's own verdict is ``class`` (its most probable class),
   ``Probabilities`` and ``vote`` (the fault class it voted for, if any); the
-  confirmed state is ``active_class``/``anomaly_id`` and the seeds'
+  confirmed state is ``active_class``/``anomaly_id`` and the reference service'
   ``Anomaly``/``Message``, which follow the active anomaly: a single window
   that looks faulty is a vote, never ``"Anomaly": true``. States carry no
   ``event_id``/``seq``: they are snapshots for dashboards, not events, and
@@ -51,7 +51,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import cache
 from importlib import resources
@@ -417,7 +417,7 @@ def wire_json(message: Message) -> bytes:
 class EventFactory:
     """Builds the module's typed messages from decision outputs.
 
-    ``messages`` maps every class to its human message (the seeds'
+    ``messages`` maps every class to its human message (the reference service'
     ``Message``). ``clock`` gives ``emitted_at`` (default ``time.time``).
     Building an anomaly event takes a number from ``sequence``; use one
     factory per pipeline so that ``seq`` follows emission order.
@@ -489,6 +489,23 @@ class EventFactory:
             ending = Ending(output.anomaly_id, output.reason, output.duration_s)
             return self._event("anomaly_ended", output, str(uuid.uuid4()), ending)
         return self._state(output)
+
+    def ended(self, state: State) -> State:
+        """``state`` once the stream has ended: the same last window, no anomaly active.
+
+        The decision closes an active anomaly at the end of a stream (an
+        ``anomaly_ended`` with reason ``stream_end``); this is the state that
+        goes with it, so a retained state never outlives its process showing
+        an anomaly.
+        """
+        return replace(
+            state,
+            anomaly=False,
+            message=self._messages[self._normal],
+            active_class=None,
+            anomaly_id=None,
+            emitted_at=self._clock(),
+        )
 
     def _state(self, state: WindowState) -> State:
         w = state.window

@@ -9,6 +9,7 @@ unhealthy source). :func:`render` is a pure function of a
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class MicSnapshot:
     events: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
     hop_s: float = 1.0
     recording_dir: str | None = None
+    train_rate_hz: int = 16000
 
 
 def warnings_for(snap: MicSnapshot) -> list[str]:
@@ -51,10 +53,10 @@ def warnings_for(snap: MicSnapshot) -> list[str]:
         )
     if snap.device_rate_hz and snap.device_rate_hz not in TYPICAL_RATES_HZ:
         out.append(f"unusual device rate {snap.device_rate_hz} Hz (resampled to 22050 Hz)")
-    elif snap.device_rate_hz and snap.device_rate_hz < 22050:
+    elif snap.device_rate_hz and snap.device_rate_hz < snap.train_rate_hz:
         out.append(
-            f"device rate {snap.device_rate_hz} Hz is below the model's 22050 Hz: "
-            "high bands will be empty"
+            f"device rate {snap.device_rate_hz} Hz is below the {snap.train_rate_hz} Hz the "
+            "model was trained on: its high bands will be empty"
         )
     if snap.overflows:
         out.append(f"{snap.overflows} capture overflow(s): the pipeline fell behind")
@@ -74,20 +76,52 @@ def _bar(p: float, width: int = BAR_WIDTH) -> str:
     return "█" * n + " " * (width - n)
 
 
+def event_line(ev: Mapping[str, Any]) -> str:
+    """One event for a person: what, which class, how sure, and for an end why and how long."""
+    kind = str(ev.get("type", "?")).replace("anomaly_", "")
+    line = (
+        f"#{ev.get('seq')} {kind} {ev.get('class')} p_max={ev.get('probability_max', 0):.2f} "
+        f"(stream {ev.get('stream_start_s', 0):.1f}–{ev.get('stream_end_s', 0):.1f} s)"
+    )
+    if ev.get("type") == "anomaly_ended":
+        line += f" {ev.get('reason')} after {ev.get('duration_s', 0):.1f} s"
+    return line
+
+
+def _wrapped(text: str, width: int, first: str, rest: str) -> list[str]:
+    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest) or [first]
+
+
 def render(snap: MicSnapshot, width: int = 78) -> str:
-    """The whole screen as text (no escape codes)."""
+    """The whole screen as text (no escape codes), no line wider than ``width``."""
+    meter = max(10, min(METER_WIDTH, width - 27))
     lines = [
         "soundwatch mic test".ljust(width - 24) + "Ctrl-C to stop".rjust(24),
         f"device: {snap.device or '?'} @ {snap.device_rate_hz or '?'} Hz   "
         f"source: {snap.source_state}",
         "",
-        f"level  [{_meter(snap.block_peak_dbfs)}] peak {snap.block_peak_dbfs:6.1f} dBFS",
-        f"       [{_meter(snap.block_rms_dbfs)}] rms  {snap.block_rms_dbfs:6.1f} dBFS",
+        f"level  [{_meter(snap.block_peak_dbfs, meter)}] peak {_db(snap.block_peak_dbfs)} dBFS",
+        f"       [{_meter(snap.block_rms_dbfs, meter)}] rms  {_db(snap.block_rms_dbfs)} dBFS",
         "",
     ]
     state = snap.state
     if state is None:
         lines.append(f"collecting the first 10 s window (a new verdict every {snap.hop_s:.3f} s)…")
+    elif (state.get("level") or {}).get("silent"):
+        # The model still answers for a silent window, but the decision ignores
+        # it: bars pointing at a fault class here would only mislead.
+        for name in state.get("Probabilities", {}):
+            lines.append(f"{name:>15} {'·' * BAR_WIDTH}   –")
+        lines.append("")
+        lines.extend(
+            _wrapped(
+                "decision: no verdict, the window is silent (below window.silence_rms_dbfs)"
+                + (f"; still active: {state['active_class']}" if state.get("active_class") else ""),
+                width,
+                "",
+                "  ",
+            )
+        )
     else:
         probs: Mapping[str, float] = state.get("Probabilities", {})
         top = state.get("class")
@@ -105,7 +139,11 @@ def render(snap: MicSnapshot, width: int = 78) -> str:
         )
     warns = warnings_for(snap)
     lines.append("")
-    lines.extend(f"! {w}" for w in warns) if warns else lines.append("input looks fine")
+    if warns:
+        for w in warns:  # wrapped, never cut: the end of a warning says what to do
+            lines.extend(_wrapped(w, width, "! ", "  "))
+    else:
+        lines.append("input looks fine")
     lines.append("")
     lines.append(
         "recent events:" + (f"  (recording to {snap.recording_dir})" if snap.recording_dir else "")
@@ -113,9 +151,9 @@ def render(snap: MicSnapshot, width: int = 78) -> str:
     if not snap.events:
         lines.append("  none yet")
     for ev in list(snap.events)[:6]:
-        lines.append(
-            f"  #{ev.get('seq')} {ev.get('type')} {ev.get('class')} "
-            f"p_max={ev.get('probability_max', 0):.2f} "
-            f"({ev.get('stream_start_s', 0):.1f}–{ev.get('stream_end_s', 0):.1f} s)"
-        )
+        lines.extend(_wrapped(event_line(ev), width, "  ", "    "))
     return "\n".join(line[:width] for line in lines)
+
+
+def _db(value: float) -> str:
+    return f"{value:6.1f}" if math.isfinite(value) else "  -inf"

@@ -96,6 +96,7 @@ def check_bundle(bundle_dir: Path | None = None) -> tuple[StepResult, Bundle | N
     """Load the bundle and create its interpreter; skip if none is installed."""
     from soundwatch.bundle import DEFAULT_BUNDLE_DIR, BundleError, load_bundle
     from soundwatch.model import Classifier, ModelError
+    from soundwatch.native_log import litert_banner_to_log
 
     root = bundle_dir or DEFAULT_BUNDLE_DIR
     if not (root / "bundle.json").is_file():
@@ -105,6 +106,7 @@ def check_bundle(bundle_dir: Path | None = None) -> tuple[StepResult, Bundle | N
     t0 = time.perf_counter()
     try:
         bundle = load_bundle(root)
+        litert_banner_to_log(bundle.model_path)  # the runtime's banner goes to logging
         backend = Classifier(bundle).backend
     except (BundleError, ModelError) as e:
         return StepResult("bundle", "fail", str(e), seconds=time.perf_counter() - t0), None

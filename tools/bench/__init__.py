@@ -1,6 +1,6 @@
-"""``make bench``: soundwatch measured side by side with the seeds' path.
+"""``make bench``: soundwatch measured side by side with the reference service's path.
 
-Every figure is a ratio against the seeds' path (librosa + Keras), measured
+Every figure is a ratio against the reference service's path (librosa + Keras), measured
 in the same run on the same machine, because absolute numbers on a shared,
 noisy machine say little on their own. The runner (:mod:`tools.bench.__main__`)
 walks a list of sections (:data:`tools.bench.registry.SECTIONS`); each

@@ -169,10 +169,10 @@ def _print_header(machine: dict[str, Any], fixtures: Fixtures, quick: bool) -> N
     print(
         f"clips: {len(fixtures.clips)} x 10 s, 16 kHz mono 16-bit WAV ({fixtures.clip_generator})"
     )
-    print(f"seeds' CNN: {fixtures.seed_model_source}")
+    print(f"the reference service's CNN: {fixtures.reference_model_source}")
     print(
         f"mode: {'quick (fewer repetitions)' if quick else 'full'}. Cells: median (p95, n). "
-        "seeds/soundwatch = ratio of medians; > 1 means soundwatch costs less."
+        "reference/soundwatch = ratio of medians; > 1 means soundwatch costs less."
     )
 
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--temp-bundle",
         action="store_true",
-        help="time an untrained seed-CNN int8 bundle made on the fly, not the shipped one "
+        help="time an untrained reference-CNN int8 bundle made on the fly, not the shipped one "
         "(also used automatically while no bundle is shipped)",
     )
     parser.add_argument(
@@ -209,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     machine = _machine()
     workdir = Path(tempfile.mkdtemp(prefix="soundwatch-bench-"))
-    print("preparing clips, the seeds' model and the bundle …", file=sys.stderr, flush=True)
+    print(
+        "preparing clips, the reference service's model and the bundle …",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         fixtures = _prepare(args, workdir)
         _print_header(machine, fixtures, args.quick)
@@ -294,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bundle": fixtures.bundle_kind,
                 "clips": len(fixtures.clips),
                 "clip_generator": fixtures.clip_generator,
-                "seed_model": fixtures.seed_model_source,
+                "reference_model": fixtures.reference_model_source,
                 "float_reference": fixtures.float_tflite_source,
             },
             "elapsed_s": round(total, 1),

@@ -11,13 +11,13 @@ import time
 from typing import Any
 
 from tools.bench.core import Context, Row, Stat, Target, time_ms
-from tools.bench.seeds import (
-    load_seed_model,
+from tools.bench.reference_service import (
+    load_reference_model,
     pin_tf_threads,
-    seeds_call,
-    seeds_features,
-    seeds_load,
-    seeds_predict,
+    reference_call,
+    reference_features,
+    reference_load,
+    reference_predict,
 )
 
 TARGET_RATIO = Target(on="ratio", op=">=", value=20.0)
@@ -40,41 +40,41 @@ def _limit_blas() -> dict[str, Any]:
 
 def run(ctx: Context) -> list[Row]:
     pin_tf_threads(1)
-    import librosa  # noqa: F401  (imported before timing, as the seeds' process had it)
+    import librosa  # noqa: F401  (imported before timing, as the reference service's process had it)
 
     from soundwatch.bundle import load_bundle
     from soundwatch.classify import ClipClassifier
 
     fx = ctx.fixtures
-    model = load_seed_model(fx.seed_model)
+    model = load_reference_model(fx.reference_model)
     classifier = ClipClassifier(load_bundle(fx.bundle_dir), threads=1)
     clips = fx.clips[: ctx.reps(len(fx.clips), 5)]
     rounds = ctx.reps(4, 3)
 
-    seeds: dict[str, list[float]] = {"load": [], "features": [], "predict": [], "call": []}
+    reference: dict[str, list[float]] = {"load": [], "features": [], "predict": [], "call": []}
     sw: dict[str, list[float]] = {"decode": [], "features": [], "inference": [], "total": []}
 
-    def run_seeds(path: Any, record: bool) -> None:
+    def run_reference(path: Any, record: bool) -> None:
         y: Any = None
         x: Any = None
 
         def load() -> None:
             nonlocal y
-            y = seeds_load(path)
+            y = reference_load(path)
 
         def features() -> None:
             nonlocal x
-            x = seeds_features(y)
+            x = reference_features(y)
 
         times = {
             "load": time_ms(load),
             "features": time_ms(features),
-            "predict": time_ms(lambda: seeds_predict(model, x)),
-            "call": time_ms(lambda: seeds_call(model, x)),
+            "predict": time_ms(lambda: reference_predict(model, x)),
+            "call": time_ms(lambda: reference_call(model, x)),
         }
         if record:
             for k, v in times.items():
-                seeds[k].append(v)
+                reference[k].append(v)
 
     def run_soundwatch(path: Any, record: bool) -> None:
         t0 = time.perf_counter()
@@ -86,70 +86,70 @@ def run(ctx: Context) -> list[Row]:
             sw["total"].append(total)
 
     for _ in range(3):  # warm-up: first-call costs (numba JIT, TF graph tracing, caches)
-        run_seeds(clips[0], record=False)
+        run_reference(clips[0], record=False)
         run_soundwatch(clips[0], record=False)
     for r in range(rounds):
         for i, path in enumerate(clips):
             if (r + i) % 2 == 0:
-                run_seeds(path, record=True)
+                run_reference(path, record=True)
                 run_soundwatch(path, record=True)
             else:
                 run_soundwatch(path, record=True)
-                run_seeds(path, record=True)
+                run_reference(path, record=True)
 
-    base = [a + b for a, b in zip(seeds["load"], seeds["features"], strict=True)]
-    seeds_total_predict = [a + b for a, b in zip(base, seeds["predict"], strict=True)]
-    seeds_total_call = [a + b for a, b in zip(base, seeds["call"], strict=True)]
+    base = [a + b for a, b in zip(reference["load"], reference["features"], strict=True)]
+    reference_total_predict = [a + b for a, b in zip(base, reference["predict"], strict=True)]
+    reference_total_call = [a + b for a, b in zip(base, reference["call"], strict=True)]
     extra = {"clips": len(clips), "rounds": rounds, **_limit_blas()}
     return [
         Row(
             "decode: read + resample",
             "ms",
-            Stat.of(seeds["load"]),
+            Stat.of(reference["load"]),
             Stat.of(sw["decode"]),
-            "seeds: librosa.load(path, sr=22050) (libsndfile + soxr HQ); soundwatch: "
+            "reference: librosa.load(path, sr=22050) (libsndfile + soxr HQ); soundwatch: "
             "soundfile read of the first 10.5 s + mono + silence check + soxr HQ to 22.05 kHz",
         ),
         Row(
             "features: MFCC x 433",
             "ms",
-            Stat.of(seeds["features"]),
+            Stat.of(reference["features"]),
             Stat.of(sw["features"]),
-            "seeds: librosa.feature.mfcc(n_mfcc=40) + pad 2 columns + fit to 433; "
+            "reference: librosa.feature.mfcc(n_mfcc=40) + pad 2 columns + fit to 433; "
             "soundwatch: numpy STFT/mel/dB/DCT (soundwatch.features) for the bundle's 64 "
             "coefficients + the same padding",
         ),
         Row(
             "inference: Keras predict vs LiteRT int8",
             "ms",
-            Stat.of(seeds["predict"]),
+            Stat.of(reference["predict"]),
             Stat.of(sw["inference"]),
-            "seeds: model.predict(x) of the seeds' CNN (TF, 1 thread); soundwatch: "
+            "reference: model.predict(x) of its CNN (TF, 1 thread); soundwatch: "
             "Classifier.predict = checks + quantise + LiteRT int8 invoke (1 thread) + dequantise",
         ),
         Row(
             "inference: Keras model(x) vs LiteRT int8",
             "ms",
-            Stat.of(seeds["call"]),
+            Stat.of(reference["call"]),
             Stat.of(sw["inference"]),
             "as above, with the direct Keras call model(x, training=False) instead of predict",
         ),
         Row(
-            "total per clip (seeds with predict)",
+            "total per clip (reference with predict)",
             "ms",
-            Stat.of(seeds_total_predict),
+            Stat.of(reference_total_predict),
             Stat.of(sw["total"]),
-            "seeds: load + features + predict for the same clip; soundwatch: wall time of "
+            "reference: load + features + predict for the same clip; soundwatch: wall time of "
             "ClipClassifier.classify_source(path) (decode + features + inference + verdict)",
             TARGET_RATIO,
             extra,
         ),
         Row(
-            "total per clip (seeds with model(x))",
+            "total per clip (reference with model(x))",
             "ms",
-            Stat.of(seeds_total_call),
+            Stat.of(reference_total_call),
             Stat.of(sw["total"]),
-            "as above, with model(x) in the seeds' path",
+            "as above, with model(x) in the reference service's path",
             TARGET_RATIO,
         ),
     ]

@@ -59,7 +59,7 @@ class Stat:
 
 @dataclass(frozen=True)
 class Target:
-    """A goal from the issue: on the ratio (seeds/soundwatch) or on soundwatch's median."""
+    """A target: on the ratio (reference/soundwatch) or on soundwatch's median."""
 
     on: str  # "ratio" or "soundwatch"
     op: str  # ">=", "<=", "<"
@@ -96,7 +96,7 @@ def _median(stat: Stat | None) -> float | None:
 
 @dataclass(frozen=True)
 class Row:
-    """One figure, measured for the seeds' path and for soundwatch.
+    """One figure, measured for the reference service's path and for soundwatch.
 
     ``includes`` says what the figure covers; the table prints it as a note.
     Either side may be ``None`` when it has no counterpart.
@@ -104,7 +104,7 @@ class Row:
 
     figure: str
     unit: str
-    seeds: Stat | None
+    reference: Stat | None
     soundwatch: Stat | None
     includes: str = ""
     target: Target | None = None
@@ -112,10 +112,10 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        """seeds / soundwatch of the medians: how many times less soundwatch costs."""
-        if self.seeds is None or self.soundwatch is None or self.soundwatch.median <= 0:
+        """reference / soundwatch of the medians: how many times less soundwatch costs."""
+        if self.reference is None or self.soundwatch is None or self.soundwatch.median <= 0:
             return None
-        return self.seeds.median / self.soundwatch.median
+        return self.reference.median / self.soundwatch.median
 
     @property
     def met(self) -> bool | None:
@@ -134,7 +134,7 @@ class Row:
         return cls(
             figure=doc["figure"],
             unit=doc["unit"],
-            seeds=Stat.from_json(doc.get("seeds")),
+            reference=Stat.from_json(doc.get("reference")),
             soundwatch=Stat.from_json(doc.get("soundwatch")),
             includes=doc.get("includes", ""),
             target=None if target is None else Target(**target),
@@ -149,8 +149,8 @@ class Fixtures:
     workdir: Path
     clips: tuple[Path, ...]
     clip_generator: str
-    seed_model: Path  # the seeds' CNN saved as a .keras file
-    seed_model_source: str
+    reference_model: Path  # the reference service's CNN saved as a .keras file
+    reference_model_source: str
     float_tflite: Path | None
     float_tflite_source: str
     bundle_dir: Path
@@ -166,8 +166,8 @@ class Fixtures:
             workdir=Path(doc["workdir"]),
             clips=tuple(Path(p) for p in doc["clips"]),
             clip_generator=doc["clip_generator"],
-            seed_model=Path(doc["seed_model"]),
-            seed_model_source=doc["seed_model_source"],
+            reference_model=Path(doc["reference_model"]),
+            reference_model_source=doc["reference_model_source"],
             float_tflite=None if doc["float_tflite"] is None else Path(doc["float_tflite"]),
             float_tflite_source=doc["float_tflite_source"],
             bundle_dir=Path(doc["bundle_dir"]),
@@ -263,7 +263,14 @@ def _cell(stat: Stat | None, unit: str) -> str:
 
 def format_table(rows: Sequence[Row]) -> list[str]:
     """A Markdown table, padded so it also reads well in a terminal."""
-    header = ["figure", "seeds' path", "soundwatch", "seeds/soundwatch", "target", "met"]
+    header = [
+        "figure",
+        "reference service",
+        "soundwatch",
+        "reference/soundwatch",
+        "target",
+        "met",
+    ]
     body: list[list[str]] = []
     for i, row in enumerate(rows, start=1):
         ratio = "—" if row.ratio is None else f"{row.ratio:.1f}×"
@@ -271,7 +278,7 @@ def format_table(rows: Sequence[Row]) -> list[str]:
         body.append(
             [
                 f"{row.figure} [{i}]",
-                _cell(row.seeds, row.unit),
+                _cell(row.reference, row.unit),
                 _cell(row.soundwatch, row.unit),
                 ratio,
                 "" if row.target is None else row.target.text(),

@@ -3,11 +3,11 @@
 - 10 s, 16 kHz mono WAV clips (MIMII's format), from ``soundwatch.fansim``
   when it is there, else from plain noise and fan-like tones. Content does
   not change the cost of either path; only length and rate do.
-- The seeds' CNN saved as a ``.keras`` file, which the seeds' path loads.
+- The reference service's CNN saved as a ``.keras`` file, which the reference service's path loads.
 - A float32 TFLite reference: ``tests/data/fan-float.tflite`` if present,
-  else the seed CNN converted here.
+  else the reference CNN converted here.
 - With ``--temp-bundle`` (or when no bundle is shipped yet), a soundwatch
-  bundle from the untrained seed CNN quantised to int8 with random features
+  bundle from the untrained reference CNN quantised to int8 with random features
   as the representative data set, so the bench never waits for training.
 
 Runs in its own child process (``python -m tools.bench.fixtures``) because
@@ -89,8 +89,8 @@ def write_clips(out_dir: Path, count: int) -> tuple[list[Path], str]:
     return paths, " and ".join(sorted(generators))
 
 
-def seed_spec() -> Any:
-    """The seeds' feature spec, made by librosa and scipy as the training export makes it."""
+def reference_spec() -> Any:
+    """The reference service's feature spec, made by librosa and scipy as training exports it."""
     import librosa
     import scipy.fft
 
@@ -127,26 +127,26 @@ def prepare(
 ) -> Fixtures:
     clips, generator = write_clips(workdir / "clips", n_clips)
 
-    from tools.bench.seeds import build_seed_cnn
+    from tools.bench.reference_service import build_reference_cnn
 
-    model, model_source = build_seed_cnn()
+    model, model_source = build_reference_cnn()
     # One training step, so the saved file carries optimizer state as a trained
-    # model's does and load_model() restores it, as the seeds' path did.
+    # model's does and load_model() restores it, as the reference service's path did.
     rng = np.random.default_rng(0)
     model.train_on_batch(
         (rng.standard_normal((4, 40, 433, 1)) * 40.0).astype(np.float32),
         np.eye(4, dtype=np.float32),
     )
-    seed_model = workdir / "seed_cnn.keras"
-    model.save(seed_model)
+    reference_model = workdir / "reference_cnn.keras"
+    model.save(reference_model)
 
     float_ref = repo_root / FLOAT_REFERENCE
     if float_ref.is_file():
         float_path, float_source = float_ref, str(FLOAT_REFERENCE)
     else:
-        float_path = workdir / "seed_cnn_float.tflite"
+        float_path = workdir / "reference_cnn_float.tflite"
         float_path.write_bytes(convert(model, int8=False))
-        float_source = "seed CNN converted to float32 here (no tests/data/fan-float.tflite)"
+        float_source = "reference CNN converted to float32 here (no tests/data/fan-float.tflite)"
 
     if not temp_bundle and (shipped_dir / "bundle.json").is_file():
         shown = shipped_dir.resolve()
@@ -159,19 +159,19 @@ def prepare(
         bundle_dir = write_bundle(
             workdir / "bundle",
             tflite_model=convert(model, int8=True),
-            spec=seed_spec(),
+            spec=reference_spec(),
             name="bench-temp",
             version="0",
-            provenance={"note": "untrained seed CNN, int8 from random features; timing only"},
+            provenance={"note": "untrained reference CNN, int8 from random features; timing only"},
         )
         why = "--temp-bundle" if temp_bundle else "no shipped bundle yet"
-        bundle_kind = f"temporary: untrained seed CNN, int8 ({why})"
+        bundle_kind = f"temporary: untrained reference CNN, int8 ({why})"
     return Fixtures(
         workdir=workdir,
         clips=tuple(clips),
         clip_generator=generator,
-        seed_model=seed_model,
-        seed_model_source=model_source,
+        reference_model=reference_model,
+        reference_model_source=model_source,
         float_tflite=float_path,
         float_tflite_source=float_source,
         bundle_dir=bundle_dir,

@@ -5,12 +5,12 @@ from this process over loopback:
 
 - soundwatch: ``soundwatch serve`` (waitress, numpy features, LiteRT int8,
   two classifiers of one thread each, the default);
-- the seeds' path: a Flask app doing what the seeds' ``/inference`` did
-  (``librosa.load`` at 22.05 kHz, 40 MFCCs, the seeds' padding, Keras
+- reference: a Flask app doing what the reference service's ``/inference`` did
+  (``librosa.load`` at 22.05 kHz, 40 MFCCs, the reference service's padding, Keras
   ``model.predict``), served by waitress with the same thread count, so the
   difference measured is the inference path, not the WSGI server. It reads the
   upload from memory, not through a temporary file: if anything this flatters
-  the seeds' side.
+  the reference service's side.
 
 Each round runs one client, then N concurrent clients, against each server
 in turn (the order alternates between rounds), after a warm-up. Each client
@@ -34,9 +34,9 @@ from tools.bench.core import QUIET_ENV, Context, Row, Stat
 CONCURRENCY = 4
 READY_TIMEOUT_S = 180.0
 
-# The seeds' /inference, as a standalone server. Arguments: model path, port,
+# The reference service's /inference, as a standalone server. Arguments: model path, port,
 # waitress threads. Imports nothing of soundwatch or of this bench.
-SEEDS_SERVER_SCRIPT = """\
+REFERENCE_SERVER_SCRIPT = """\
 import io, sys
 import numpy as np
 import librosa
@@ -200,18 +200,25 @@ def _burst(url: str, clips: list[bytes], clients: int, per_client: int, load: Lo
 
 def _servers(ctx: Context, workdir: Path) -> tuple[Server, Server]:
     env = {**ctx.user_env, **QUIET_ENV}
-    sw_port, seeds_port = _free_port(), _free_port()
+    sw_port, reference_port = _free_port(), _free_port()
     sw_argv = [ctx.python, "-m", "soundwatch", "serve", "--http", f"127.0.0.1:{sw_port}"]
     sw_argv += ["--bundle", str(ctx.fixtures.bundle_dir)]
     sw = _start("soundwatch", sw_argv, f"http://127.0.0.1:{sw_port}", "/health", env, workdir)
     try:
-        seeds_argv = [ctx.python, "-c", SEEDS_SERVER_SCRIPT, str(ctx.fixtures.seed_model)]
-        seeds_argv += [str(seeds_port), "4"]
-        seeds = _start("seeds", seeds_argv, f"http://127.0.0.1:{seeds_port}", "/", env, workdir)
+        reference_argv = [
+            ctx.python,
+            "-c",
+            REFERENCE_SERVER_SCRIPT,
+            str(ctx.fixtures.reference_model),
+        ]
+        reference_argv += [str(reference_port), "4"]
+        reference = _start(
+            "reference", reference_argv, f"http://127.0.0.1:{reference_port}", "/", env, workdir
+        )
     except Exception:
         sw.stop()
         raise
-    return sw, seeds
+    return sw, reference
 
 
 def run(ctx: Context) -> list[Row]:
@@ -221,8 +228,8 @@ def run(ctx: Context) -> list[Row]:
     single_n = ctx.reps(15, 8)
     per_client = ctx.reps(8, 4)
     print("  http: starting both servers …", file=sys.stderr, flush=True)
-    sw, seeds = _servers(ctx, workdir)
-    servers = {"soundwatch": sw, "seeds": seeds}
+    sw, reference = _servers(ctx, workdir)
+    servers = {"soundwatch": sw, "reference": reference}
     single = {name: Load() for name in servers}
     multi = {name: Load() for name in servers}
     try:
@@ -263,7 +270,7 @@ def run(ctx: Context) -> list[Row]:
         Row(
             "POST /inference latency, 1 client",
             "ms",
-            stat(single, "seeds", lat),
+            stat(single, "reference", lat),
             stat(single, "soundwatch", lat),
             "one client posting 10 s, 16 kHz WAV clips one after another (keep-alive); "
             "request to parsed JSON answer. p95 is in the cell",
@@ -271,37 +278,38 @@ def run(ctx: Context) -> list[Row]:
         Row(
             f"POST /inference latency, {CONCURRENCY} concurrent clients",
             "ms",
-            stat(multi, "seeds", lat),
+            stat(multi, "reference", lat),
             stat(multi, "soundwatch", lat),
             f"{CONCURRENCY} clients at once, each posting clips in turn; soundwatch classifies "
-            "2 at a time (one LiteRT thread each), the seeds' server runs Keras in up to "
+            "2 at a time (one LiteRT thread each), the reference service runs Keras in up to "
             "4 waitress threads with TensorFlow's default pools",
         ),
         Row(
             f"wall time per request, {CONCURRENCY} concurrent clients (1/throughput)",
             "ms",
-            stat(multi, "seeds", wall),
+            stat(multi, "reference", wall),
             stat(multi, "soundwatch", wall),
-            f"burst wall time / requests in the burst; throughput {rps['seeds']} req/s "
-            f"(seeds) vs {rps['soundwatch']} req/s (soundwatch), medians; failed requests "
-            f"{failures['seeds']} (seeds) and {failures['soundwatch']} (soundwatch)",
+            f"burst wall time / requests in the burst; throughput {rps['reference']} req/s "
+            f"(reference) vs {rps['soundwatch']} req/s (soundwatch), medians; failed requests "
+            f"{failures['reference']} (reference) and {failures['soundwatch']} (soundwatch)",
             None,
             extra,
         ),
         Row(
             "server RSS after the load",
             "MB",
-            Stat.of([rss["seeds"][0]]),
+            Stat.of([rss["reference"][0]]),
             Stat.of([rss["soundwatch"][0]]),
-            f"VmRSS of the server process; peak (VmHWM) {rss['seeds'][1]:.0f} MB (seeds) vs "
+            f"VmRSS of the server process; peak (VmHWM) {rss['reference'][1]:.0f} MB "
+            "(reference) vs "
             f"{rss['soundwatch'][1]:.0f} MB (soundwatch)",
         ),
         Row(
             "server start to first answer",
             "s",
-            Stat.of([seeds.start_s]),
+            Stat.of([reference.start_s]),
             Stat.of([sw.start_s]),
-            "process start to the first 200 from GET / (seeds) or GET /health (soundwatch); "
+            "process start to the first 200 from GET / (reference) or GET /health (soundwatch); "
             "one start each, while nothing else runs in the bench",
         ),
     ]

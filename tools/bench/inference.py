@@ -1,8 +1,8 @@
-"""Section "inference": the model alone, one window (seeds: 40x433 Keras; soundwatch: int8).
+"""Section "inference": the model alone, one window (reference: 40x433 Keras; soundwatch: int8).
 
 TensorFlow cannot resize its thread pools once started, so each thread count
 gets its own child process (``python -m tools.bench.inference``). In it, the
-seeds' Keras model and LiteRT's interpreters run in alternating blocks, so a
+the reference service's Keras model and LiteRT's interpreters run in alternating blocks, so a
 burst of load from elsewhere hits both sides alike. (Having TensorFlow loaded
 in the same process does not change LiteRT's invoke time; checked here.)
 """
@@ -71,12 +71,12 @@ def _time_blocks(
 
 def measure(ctx: Context, threads: int) -> dict[str, list[float]]:
     """Everything at one thread count, in this process (TensorFlow must not have started)."""
-    from tools.bench.seeds import (
-        SEED_INPUT_SHAPE,
-        load_seed_model,
+    from tools.bench.reference_service import (
+        REFERENCE_INPUT_SHAPE,
+        load_reference_model,
         pin_tf_threads,
-        seeds_call,
-        seeds_predict,
+        reference_call,
+        reference_predict,
     )
 
     pin_tf_threads(threads)
@@ -88,13 +88,13 @@ def measure(ctx: Context, threads: int) -> dict[str, list[float]]:
     classifier = Classifier(bundle, threads=threads)
     rng = np.random.default_rng(1)
     window = (rng.standard_normal(bundle.input_shape[1:3]) * 20).astype(np.float32)
-    model = load_seed_model(fx.seed_model)
-    x = (rng.standard_normal((1, *SEED_INPUT_SHAPE)) * 20).astype(np.float32)
+    model = load_reference_model(fx.reference_model)
+    x = (rng.standard_normal((1, *REFERENCE_INPUT_SHAPE)) * 20).astype(np.float32)
     int8 = _Invoker(bundle.model_path, threads)
     lite_n = ctx.reps(100, 50)
     fns: dict[str, tuple[Callable[[], object], int]] = {
-        "keras_predict": (lambda: seeds_predict(model, x), ctx.reps(10, 5)),
-        "keras_call": (lambda: seeds_call(model, x), ctx.reps(20, 10)),
+        "keras_predict": (lambda: reference_predict(model, x), ctx.reps(10, 5)),
+        "keras_call": (lambda: reference_call(model, x), ctx.reps(20, 10)),
         "int8": (int8.once, lite_n),
         "classifier_predict": (lambda: classifier.predict(window), lite_n),
     }
@@ -136,14 +136,14 @@ def run(ctx: Context) -> list[Row]:
         f"set_tensor + invoke + get_tensor of one int8 window on the bundle's model "
         f"({int8_kb:.1f} KB, XNNPACK)"
     )
-    keras = "the seeds' CNN on one window, TF intra- and inter-op pools"
+    keras = "the reference service's CNN on one window, TF intra- and inter-op pools"
     rows = [
         Row(
             "1 thread: int8 invoke vs Keras predict",
             "ms",
             t[1]["keras_predict"],
             t[1]["int8"],
-            f"soundwatch: {invoke}, num_threads=1; seeds: model.predict(x) of {keras} 1",
+            f"soundwatch: {invoke}, num_threads=1; reference: model.predict(x) of {keras} 1",
             TARGET_INVOKE,
         ),
         Row(
@@ -151,7 +151,7 @@ def run(ctx: Context) -> list[Row]:
             "ms",
             t[1]["keras_call"],
             t[1]["int8"],
-            "as above, seeds with the direct call model(x, training=False)",
+            "as above, reference with the direct call model(x, training=False)",
             TARGET_INVOKE,
         ),
         Row(
@@ -167,14 +167,14 @@ def run(ctx: Context) -> list[Row]:
             "ms",
             t[2]["keras_predict"],
             t[2]["int8"],
-            f"soundwatch: {invoke}, num_threads=2; seeds: model.predict(x), TF pools 2",
+            f"soundwatch: {invoke}, num_threads=2; reference: model.predict(x), TF pools 2",
         ),
         Row(
             "2 threads: int8 invoke vs Keras model(x)",
             "ms",
             t[2]["keras_call"],
             t[2]["int8"],
-            "as above, seeds with model(x)",
+            "as above, reference with model(x)",
         ),
     ]
     if fx.float_tflite is not None:
@@ -187,7 +187,7 @@ def run(ctx: Context) -> list[Row]:
                 t[n]["float32"],
                 f"soundwatch column: the float32 reference ({fx.float_tflite_source}, "
                 f"{float_kb:.1f} KB), set_tensor + invoke + get_tensor, num_threads={n}; "
-                f"seeds: model(x), TF pools {n}",
+                f"reference: model(x), TF pools {n}",
             )
             for n in (1, 2)
         ]

@@ -16,7 +16,7 @@ A private mosquitto runs on a free loopback port; a real ``mosquitto_sub``
   an ``anomaly_started`` event's ``time_end`` (the wall-clock end of the
   window that decided it, millisecond resolution).
 
-There is no seeds' counterpart (the seeds printed to stdout).
+There is no the reference service's counterpart (the reference service printed to stdout).
 """
 
 from __future__ import annotations

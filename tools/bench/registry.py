@@ -40,7 +40,7 @@ SECTIONS: list[Section] = [
         func="tools.bench.stream:run",
         one_core=True,
         what="rows 1-5: one 1 s hop, incremental against recomputing the 10 s window, one "
-        "core, in one process, interleaved; rows 6-9: `soundwatch run` and a seeds-style "
+        "core, in one process, interleaved; rows 6-9: `soundwatch run` and a reference-style "
         "loop streaming in real time side by side as processes without thread pins",
     ),
     Section(
@@ -48,7 +48,7 @@ SECTIONS: list[Section] = [
         title="HTTP API: POST /inference",
         func="tools.bench.http_bench:run",
         one_core=False,
-        what="soundwatch serve against a seeds-style Flask + librosa + Keras server, both on "
+        what="soundwatch serve against a reference-style Flask + librosa + Keras server, both on "
         "waitress as processes, 1 and 4 concurrent clients over loopback",
     ),
     Section(

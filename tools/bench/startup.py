@@ -1,7 +1,7 @@
 """Section "startup": a whole process that classifies one file, from exec to exit.
 
 Processes are started the way a user starts them (no thread pins), one after
-another, alternating soundwatch and the seeds' path. Wall time is measured
+another, alternating soundwatch and the reference service's path. Wall time is measured
 around the child; peak RSS is the child's own ``ru_maxrss`` from ``os.wait4``.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.bench.core import Context, Row, Stat, Target
-from tools.bench.seeds import SEEDS_LOAD_ONLY_SCRIPT, SEEDS_PROCESS_SCRIPT
+from tools.bench.reference_service import REFERENCE_LOAD_ONLY_SCRIPT, REFERENCE_PROCESS_SCRIPT
 
 TARGET_STARTUP = Target(on="soundwatch", op="<", value=0.5, unit="s")
 TARGET_RSS = Target(on="soundwatch", op="<", value=100.0, unit="MB")
@@ -67,9 +67,15 @@ def run(ctx: Context) -> list[Row]:
     cli = str(Path(ctx.python).parent / "soundwatch")
     commands = {
         "sw_classify": [cli, "classify", "--bundle", bundle, clip],
-        "seeds_classify": [ctx.python, "-c", SEEDS_PROCESS_SCRIPT, str(fx.seed_model), clip],
+        "reference_classify": [
+            ctx.python,
+            "-c",
+            REFERENCE_PROCESS_SCRIPT,
+            str(fx.reference_model),
+            clip,
+        ],
         "sw_load": [ctx.python, "-c", SOUNDWATCH_LOAD_ONLY_SCRIPT, bundle],
-        "seeds_load": [ctx.python, "-c", SEEDS_LOAD_ONLY_SCRIPT, str(fx.seed_model)],
+        "reference_load": [ctx.python, "-c", REFERENCE_LOAD_ONLY_SCRIPT, str(fx.reference_model)],
         "bare": [ctx.python, "-c", "pass"],
     }
     envs = {key: env for key in commands}
@@ -80,10 +86,10 @@ def run(ctx: Context) -> list[Row]:
     runs = ctx.reps(7, 2)
     results: dict[str, list[ChildRun]] = {k: [] for k in commands}
     # One untimed run fills the page cache, as on a device that has run before.
-    # Not for the seeds' processes (5 s each): preparing the fixtures has just
+    # Not for the reference service's processes (5 s each): preparing the fixtures has just
     # read TensorFlow from disk, and a median is robust to one cold run.
     for key, argv in commands.items():
-        if not key.startswith("seeds"):
+        if not key.startswith("reference"):
             run_child(argv, envs[key])
     for i in range(runs):
         order = list(commands) if i % 2 == 0 else list(reversed(commands))
@@ -109,11 +115,11 @@ def run(ctx: Context) -> list[Row]:
         Row(
             "start-up + classify one file",
             "s",
-            wall("seeds_classify"),
+            wall("reference_classify"),
             wall("sw_classify"),
             "wall time of the whole process, exec to exit. soundwatch: the console script "
             "`soundwatch classify --bundle B FILE` (imports, bundle load with hash checks, "
-            "LiteRT interpreter, decode, features, inference, print); seeds: `python -c` "
+            "LiteRT interpreter, decode, features, inference, print); reference: `python -c` "
             "importing numpy + librosa + keras, keras.models.load_model(.keras), "
             "librosa.load, mfcc, pad, model.predict, print." + bare_note,
             TARGET_STARTUP,
@@ -124,12 +130,12 @@ def run(ctx: Context) -> list[Row]:
             None,
             wall("sw_classify_blas1"),
             "the soundwatch command above with OPENBLAS_NUM_THREADS=1 in its environment "
-            "(numpy's BLAS pool otherwise has one thread per core); no seeds counterpart",
+            "(numpy's BLAS pool otherwise has one thread per core); no reference counterpart",
         ),
         Row(
             "CPU time (user + sys) of that process",
             "s",
-            cpu("seeds_classify"),
+            cpu("reference_classify"),
             cpu("sw_classify"),
             "ru_utime + ru_stime of the child, summed over its threads; above the wall "
             "time means the process kept more than one core busy",
@@ -137,7 +143,7 @@ def run(ctx: Context) -> list[Row]:
         Row(
             "peak RSS of that process",
             "MB",
-            rss("seeds_classify"),
+            rss("reference_classify"),
             rss("sw_classify"),
             "the child's own ru_maxrss (os.wait4), resident set at its peak, in MiB",
             TARGET_RSS,
@@ -145,17 +151,17 @@ def run(ctx: Context) -> list[Row]:
         Row(
             "import + load model (no audio)",
             "s",
-            wall("seeds_load"),
+            wall("reference_load"),
             wall("sw_load"),
             "wall time of a process that only imports and loads the model. soundwatch: "
             "import soundwatch.bundle + .classify, load_bundle(), ClipClassifier() "
-            "(LiteRT interpreter allocated); seeds: import numpy + librosa + keras, "
+            "(LiteRT interpreter allocated); reference: import numpy + librosa + keras, "
             "load_model()." + bare_note,
         ),
         Row(
             "peak RSS, import + load model",
             "MB",
-            rss("seeds_load"),
+            rss("reference_load"),
             rss("sw_load"),
             "ru_maxrss of the import-and-load process above",
         ),

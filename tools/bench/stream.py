@@ -6,13 +6,13 @@ Two parts, one after the other:
    LiteRT get one thread). A long simulated fan signal is fed hop by hop, as the
    pipeline feeds it: soundwatch's incremental path (``ResampleChain`` on
    0.1 s blocks of 48 kHz capture, ``StreamingFeatures.push`` of one hop that
-   completes one window, ``Classifier.predict``) against the seeds' path
+   completes one window, ``Classifier.predict``) against the reference service's path
    recomputing the whole 10 s window at every hop (one-shot
    ``librosa.resample`` of the window, ``librosa.feature.mfcc`` + padding,
    Keras). Hop by hop, in alternating order, so load from elsewhere hits both.
 2. Whole processes in real time, started as a user would (no thread pins):
-   ``soundwatch run --source simulator`` and a seeds-style loop doing the
-   same job the naive way (:data:`SEEDS_LOOP_SCRIPT`), both started together
+   ``soundwatch run --source simulator`` and a reference-style loop doing the
+   same job the naive way (:data:`REFERENCE_LOOP_SCRIPT`), both started together
    and sampled over the same seconds: CPU time from ``/proc/PID/stat``, RSS
    from ``/proc/PID/status``.
 """
@@ -47,13 +47,13 @@ CPU_WINDOW_S = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
-# The seeds' way of streaming: every hop, take the last 10 s of capture and do
+# The reference service's way of streaming: every hop, take the last 10 s of capture and do
 # what prediction.py did for a file. Arguments: model path, audio .npy at the
 # capture rate, the resampling rates "48000,22050" (one-shot librosa.resample
 # per step), hop in seconds. Prints "ready" after two warm-up steps, then one
 # line per step: the work time in ms and how late the step started. Only
-# numpy, librosa and Keras are imported, as in the seeds.
-SEEDS_LOOP_SCRIPT = """\
+# numpy, librosa and Keras are imported, as in the reference service.
+REFERENCE_LOOP_SCRIPT = """\
 import sys, time
 import numpy as np
 import librosa
@@ -118,15 +118,15 @@ def _chain_rates(spec: Any) -> list[int]:
 
 
 def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
-    """Part 1; also the capture signal, the rates and the hop in s for part 2's seeds loop."""
-    from tools.bench.seeds import (
-        SEED_N_MFCC,
-        SEED_SR_HZ,
-        load_seed_model,
+    """Part 1; also the capture signal, the rates and the hop in s for part 2's reference loop."""
+    from tools.bench.reference_service import (
+        REFERENCE_N_MFCC,
+        REFERENCE_SR_HZ,
+        load_reference_model,
         pin_tf_threads,
-        seeds_call,
-        seeds_fit_frames,
-        seeds_predict,
+        reference_call,
+        reference_fit_frames,
+        reference_predict,
     )
 
     pin_tf_threads(1)
@@ -143,10 +143,10 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
     fx = ctx.fixtures
     bundle = load_bundle(fx.bundle_dir)
     spec = bundle.spec
-    if spec.sample_rate_hz != SEED_SR_HZ:
+    if spec.sample_rate_hz != REFERENCE_SR_HZ:
         print(f"  stream: bundle rate {spec.sample_rate_hz} Hz", file=sys.stderr)
     classifier = Classifier(bundle, threads=1)
-    model = load_seed_model(fx.seed_model)
+    model = load_reference_model(fx.reference_model)
     rates = _chain_rates(spec)
     rate = spec.sample_rate_hz
 
@@ -169,11 +169,11 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
     cap_block = round(CAPTURE_BLOCK_S * CAPTURE_RATE_HZ)
     cap_window = 10 * CAPTURE_RATE_HZ
 
-    def seeds_window_features(w: np.ndarray) -> np.ndarray:
-        mfcc = librosa.feature.mfcc(y=w, sr=rate, n_mfcc=SEED_N_MFCC)
-        return seeds_fit_frames(mfcc)[None, :, :, None]
+    def reference_window_features(w: np.ndarray) -> np.ndarray:
+        mfcc = librosa.feature.mfcc(y=w, sr=rate, n_mfcc=REFERENCE_N_MFCC)
+        return reference_fit_frames(mfcc)[None, :, :, None]
 
-    def seeds_resample(w: np.ndarray) -> np.ndarray:
+    def reference_resample(w: np.ndarray) -> np.ndarray:
         for a, b in itertools.pairwise(rates):
             w = librosa.resample(w, orig_sr=a, target_sr=b)
         return w
@@ -201,19 +201,19 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
             t["sw_push"].append((t2 - t1) * 1e3)
             t["sw_predict"].append((t3 - t2) * 1e3)
 
-    def seeds_hop(k: int, record: bool) -> None:
+    def reference_hop(k: int, record: bool) -> None:
         end = (k + 1) * hop  # the window soundwatch completed at this hop ends here
         cap_end = (k + 1) * cap_hop
         w48 = capture[cap_end - cap_window : cap_end]
         w = y[end - window : end]
         t0 = time.perf_counter()
-        seeds_resample(w48)
+        reference_resample(w48)
         t1 = time.perf_counter()
-        x = seeds_window_features(w)
+        x = reference_window_features(w)
         t2 = time.perf_counter()
-        seeds_predict(model, x)
+        reference_predict(model, x)
         t3 = time.perf_counter()
-        seeds_call(model, x)
+        reference_call(model, x)
         t4 = time.perf_counter()
         if record:
             t["s_resample"].append((t1 - t0) * 1e3)
@@ -224,13 +224,13 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
     for k in range(fill_hops + warm_hops):  # fill the first window; first-call costs
         soundwatch_hop(k, record=False)
         if k >= fill_hops - 1:
-            seeds_hop(k, record=False)
+            reference_hop(k, record=False)
     for k in range(fill_hops + warm_hops, total_hops):
         if k % 2 == 0:
             soundwatch_hop(k, record=True)
-            seeds_hop(k, record=True)
+            reference_hop(k, record=True)
         else:
-            seeds_hop(k, record=True)
+            reference_hop(k, record=True)
             soundwatch_hop(k, record=True)
 
     def add(*keys: str) -> list[float]:
@@ -246,8 +246,8 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
             Stat.of(t["s_resample"]),
             Stat.of(t["sw_resample"]),
             f"soundwatch: soundwatch.app.ResampleChain ({rate_text}, soxr HQ streams) on ten "
-            "0.1 s blocks (the simulator's block size) = 1 s of new capture per hop; seeds' "
-            f"path: one-shot librosa.resample (soxr_hq, {rate_text}) of the whole last 10 s "
+            "0.1 s blocks (the simulator's block size) = 1 s of new capture per hop; reference: "
+            f"one-shot librosa.resample (soxr_hq, {rate_text}) of the whole last 10 s "
             "window at each hop, as a window-at-a-time implementation of librosa.load does",
         ),
         Row(
@@ -257,28 +257,28 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
             Stat.of(t["sw_push"]),
             "soundwatch: StreamingFeatures(FeatureExtractor(spec), hop_frames=43)."
             f"push(one hop of {hop_text}) that completes one window: 43 new log-mel frames, "
-            "the 4 edge frames, top_db clip, DCT, padding and the window's level; seeds' path: "
+            "the 4 edge frames, top_db clip, DCT, padding and the window's level; reference: "
             "librosa.feature.mfcc(y=last 10 s, sr=22050, n_mfcc=40) + pad 2 + fit to 433. "
             f"{hops} hops of a long simulated fan signal, alternating order, one core",
             TARGET_HOP_RATIO,
             extra,
         ),
         Row(
-            "features + inference per hop (seeds with predict)",
+            "features + inference per hop (reference with predict)",
             "ms",
             Stat.of(add("s_mfcc", "s_predict")),
             Stat.of(add("sw_push", "sw_predict")),
             "as above plus, per hop, soundwatch: Classifier.predict(window) (LiteRT int8, "
-            "1 thread); seeds: Keras model.predict(x) of the seeds' CNN (TF pools 1); "
+            "1 thread); reference: Keras model.predict(x) of its CNN (TF pools 1); "
             "summed per hop",
             TARGET_HOP_RATIO,
         ),
         Row(
-            "features + inference per hop (seeds with model(x))",
+            "features + inference per hop (reference with model(x))",
             "ms",
             Stat.of(add("s_mfcc", "s_call")),
             Stat.of(add("sw_push", "sw_predict")),
-            "as above, with the direct Keras call model(x, training=False) in the seeds' path",
+            "as above, with the direct Keras call model(x, training=False) in the reference path",
         ),
         Row(
             "whole hop: resample + features + inference",
@@ -286,7 +286,7 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
             Stat.of(add("s_resample", "s_mfcc", "s_predict")),
             Stat.of(add("sw_resample", "sw_push", "sw_predict")),
             "rows 1 + 3 summed per hop: everything done per 1 s hop from 48 kHz capture to "
-            "class probabilities (seeds with model.predict)",
+            "class probabilities (reference with model.predict)",
             TARGET_HOP_RATIO,
         ),
     ]
@@ -380,7 +380,7 @@ class Proc:
 
 
 def _wait_ready(proc: Proc, deadline: float) -> None:
-    """Until the child has printed "ready" (the seeds loop after its warm-up)."""
+    """Until the child has printed "ready" (the reference service loop after its warm-up)."""
     while time.monotonic() < deadline:
         proc.check_alive()
         if "ready" in proc.stdout_lines()[:1]:
@@ -446,18 +446,24 @@ def _sustained(ctx: Context, capture: np.ndarray, rates: list[int], hop_s: float
         events = tmp / "ev.jsonl"
         sw_argv = [*cli, "run", "--source", "simulator", "--sink", f"jsonl:{events}"]
         sw_argv += ["--state-dir", str(tmp / "state"), "--bundle", str(fx.bundle_dir)]
-        seeds_argv = [ctx.python, "-c", SEEDS_LOOP_SCRIPT, str(fx.seed_model), str(audio)]
-        seeds_argv += [",".join(str(r) for r in rates), f"{hop_s:.6f}"]
+        reference_argv = [
+            ctx.python,
+            "-c",
+            REFERENCE_LOOP_SCRIPT,
+            str(fx.reference_model),
+            str(audio),
+        ]
+        reference_argv += [",".join(str(r) for r in rates), f"{hop_s:.6f}"]
         procs: list[Proc] = []
         try:
             sw = Proc("soundwatch-run", sw_argv, env, tmp)
             procs.append(sw)
-            seeds = Proc("seeds-loop", seeds_argv, env, tmp)
-            procs.append(seeds)
+            reference = Proc("reference-loop", reference_argv, env, tmp)
+            procs.append(reference)
             try:
-                _wait_ready(seeds, time.monotonic() + 90)
+                _wait_ready(reference, time.monotonic() + 90)
             except ChildDied as e:
-                seeds.sampled.error = str(e)
+                reference.sampled.error = str(e)
             # The soundwatch child fills its first 10 s window before any inference.
             while time.monotonic() < sw.started + warmup_s:
                 time.sleep(0.2)
@@ -471,7 +477,7 @@ def _sustained(ctx: Context, capture: np.ndarray, rates: list[int], hop_s: float
             _sample(procs, measure_s)
             load_end = load_average()
             sw_events = _count_lines(events)
-            seeds_steps = [line.split() for line in seeds.stdout_lines()[1:]]
+            reference_steps = [line.split() for line in reference.stdout_lines()[1:]]
         finally:
             for p in procs:
                 p.stop()
@@ -480,13 +486,13 @@ def _sustained(ctx: Context, capture: np.ndarray, rates: list[int], hop_s: float
                 print(f"  stream: {p.sampled.error}", file=sys.stderr, flush=True)
     return _sustained_rows(
         sw.sampled,
-        seeds.sampled,
+        reference.sampled,
         warmup_s,
         measure_s,
         load_start,
         load_end,
         sw_events,
-        seeds_steps,
+        reference_steps,
         rates,
     )
 
@@ -504,46 +510,50 @@ def _stat_or_none(values: list[float], s: Sampled) -> Stat | None:
 
 def _sustained_rows(
     sw: Sampled,
-    seeds: Sampled,
+    reference: Sampled,
     warmup_s: float,
     measure_s: float,
     load_start: tuple[float, float, float],
     load_end: tuple[float, float, float],
     sw_events: int,
-    seeds_steps: list[list[str]],
+    reference_steps: list[list[str]],
     rates: list[int],
 ) -> list[Row]:
     def one(value: float, s: Sampled) -> Stat | None:
         return Stat.of([value]) if s.error is None and s.wall_s > 0 else None
 
-    work = [float(parts[0]) for parts in seeds_steps if len(parts) == 2]
-    late = [float(parts[1]) for parts in seeds_steps if len(parts) == 2]
+    work = [float(parts[0]) for parts in reference_steps if len(parts) == 2]
+    late = [float(parts[1]) for parts in reference_steps if len(parts) == 2]
     failed = "".join(
         f" FAILED: {_summary(s.error)} (stderr tail printed above and in build/bench.json)."
-        for s in (sw, seeds)
+        for s in (sw, reference)
         if s.error
     )
-    seeds_text = (
-        f"seeds: a `python -c` loop (SEEDS_LOOP_SCRIPT in tools/bench/stream.py) that "
+    reference_text = (
+        f"reference: a `python -c` loop (REFERENCE_LOOP_SCRIPT in tools/bench/stream.py) that "
         f"every hop takes the last 10 s of simulated capture at 48 kHz (made ahead), "
         f"librosa.resample ({' -> '.join(str(r) for r in rates)} Hz), librosa mfcc + pad, "
-        f"Keras model(x) of the seeds' CNN"
+        f"Keras model(x) of the reference service's CNN"
     )
     if work:
-        seeds_text += (
+        reference_text += (
             f"; its work per step was median {np.median(work):.1f} ms "
             f"(p95 {np.percentile(work, 95):.1f}), started late by median "
             f"{np.median(late):.1f} ms"
         )
     common = (
-        f"After a {warmup_s:g} s warm-up (the first window fills at 10 s; the seeds loop "
+        f"After a {warmup_s:g} s warm-up (the first window fills at 10 s; the reference loop "
         f"after its imports and two warm-up steps), both processes sampled every 1 s over the "
         f"same {measure_s:g} s, started as a user would (no thread pins); load average "
         f"{load_start[0]} at the start, {load_end[0]} at the end."
     )
     extra = {
         "soundwatch": {**sw.__dict__, "mean_cpu_pct": sw.mean_cpu_pct, "events": sw_events},
-        "seeds": {**seeds.__dict__, "mean_cpu_pct": seeds.mean_cpu_pct, "steps": len(work)},
+        "reference": {
+            **reference.__dict__,
+            "mean_cpu_pct": reference.mean_cpu_pct,
+            "steps": len(work),
+        },
         "load_start": load_start,
         "load_end": load_end,
     }
@@ -551,13 +561,13 @@ def _sustained_rows(
         Row(
             "`soundwatch run` in real time: CPU, % of one core",
             "%",
-            one(seeds.mean_cpu_pct, seeds),
+            one(reference.mean_cpu_pct, reference),
             one(sw.mean_cpu_pct, sw),
             "mean over the whole sampling: (utime + stime of all threads, /proc/PID/stat) / "
             "wall time. soundwatch: `soundwatch run --source simulator --sink jsonl:… "
             "--state-dir … --bundle …` (realtime simulator at 48 kHz, default schedule, 1 s "
             f"hop; it wrote {sw_events} anomaly events to the JSONL sink); "
-            + seeds_text
+            + reference_text
             + ". "
             + common
             + failed,
@@ -567,23 +577,23 @@ def _sustained_rows(
         Row(
             "the same, CPU % per 5 s",
             "%",
-            _stat_or_none(seeds.cpu_windows_pct, seeds),
+            _stat_or_none(reference.cpu_windows_pct, reference),
             _stat_or_none(sw.cpu_windows_pct, sw),
             "the CPU % of consecutive 5 s stretches of the same sampling (median and p95)",
         ),
         Row(
             "the same, RSS while streaming",
             "MB",
-            _stat_or_none(seeds.rss_mb, seeds),
+            _stat_or_none(reference.rss_mb, reference),
             _stat_or_none(sw.rss_mb, sw),
-            f"VmRSS (/proc/PID/status) each second, MiB; means: seeds "
-            f"{_mean(seeds.rss_mb)}, soundwatch {_mean(sw.rss_mb)}",
+            f"VmRSS (/proc/PID/status) each second, MiB; means: reference "
+            f"{_mean(reference.rss_mb)}, soundwatch {_mean(sw.rss_mb)}",
             TARGET_RSS,
         ),
         Row(
             "the same, peak RSS",
             "MB",
-            one(seeds.peak_rss_mb, seeds),
+            one(reference.peak_rss_mb, reference),
             one(sw.peak_rss_mb, sw),
             "VmHWM at the end of the sampling: the highest RSS since the process started, "
             "warm-up included (the simulator renders audio ahead of the stream)",

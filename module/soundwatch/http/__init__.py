@@ -1,4 +1,4 @@
-"""The HTTP API: the seeds' inference service, inside the module.
+"""The HTTP API: the reference service's inference service, inside the module.
 
 - :mod:`soundwatch.http.app`: the Flask app (routes, auth, errors, limits);
 - :mod:`soundwatch.http.server`: waitress in a background thread;

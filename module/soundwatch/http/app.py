@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
-import importlib.metadata
 import logging
 import math
 import queue
@@ -50,6 +49,7 @@ from soundwatch.control import (
     request_from,
 )
 from soundwatch.events import to_wire
+from soundwatch.http.docs import ASSET_TYPES, DOCS_DIR, README, DocsTree
 from soundwatch.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from soundwatch.http.metrics import ApiMetrics
 
@@ -73,7 +73,7 @@ UPLOAD_FIELD = "file"
 # rest hold nothing private: the liveness probe (the Docker HEALTHCHECK has
 # no token), the page and its assets (they fetch their data through the
 # protected routes), the README and the API description.
-PUBLIC_ENDPOINTS = frozenset({"health", "index", "static", "docs", "openapi"})
+PUBLIC_ENDPOINTS = frozenset({"health", "index", "static", "docs", "docs_page", "openapi"})
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,7 @@ def create_app(
     route("/state", "state", _state)
     route("/metrics", "metrics", _metrics)
     route("/docs", "docs", _docs)
+    route("/docs/<path:page>", "docs_page", _docs_page)
     route("/openapi.yaml", "openapi", _openapi)
     # Commands go to the control plane, as from MQTT or IoT Hub.
     route("/config", "config", _patch_config, methods=["PATCH"])
@@ -348,11 +349,15 @@ def _health(api: Api) -> tuple[Response, int]:
 
 
 def _index(api: Api) -> str:
+    runtime = api.runtime
     return render_template(
         "index.html",
         version=__version__,
         mode=api.mode,
         model_version=api.bundle.model_version,
+        device_id=runtime.config.device_id if runtime is not None else None,
+        source_type=runtime.config.source.type if runtime is not None else "",
+        source=runtime.describe_source() if runtime is not None else "none (uploads only)",
         auth_required=api.settings.token is not None,
         max_upload_bytes=api.settings.max_upload_bytes,
         max_upload_mib=f"{api.settings.max_upload_bytes / MIB:g}",
@@ -477,9 +482,27 @@ def _metrics(api: Api) -> Response:
     return Response(api.metrics.render(), mimetype=None, content_type=METRICS_CONTENT_TYPE)
 
 
-def _docs(api: Api) -> str:
-    text, origin = _readme(api.settings.readme_path)
-    return render_template("docs.html", body=_render_markdown(text), origin=origin)
+def _docs(api: Api) -> Any:
+    return _docs_page(api, README)
+
+
+def _docs_page(api: Api, page: str) -> Any:
+    """A page of the user documentation (README.md, docs/*.md) or one of its pictures."""
+    tree = DocsTree.find(api.settings.readme_path)
+    if tree is None:
+        body = Markup("<h1>soundwatch</h1><p>The documentation is not installed here.</p>")
+        return render_template("docs.html", title="soundwatch", body=body, origin="(not found)")
+    repo_path = README if page == README else f"{DOCS_DIR}/{page}"
+    rendered = tree.render(repo_path)
+    if rendered is not None:
+        return render_template(
+            "docs.html", title=rendered.title, body=rendered.body, origin=rendered.origin
+        )
+    asset = tree.file_for(repo_path)
+    mimetype = ASSET_TYPES.get(asset.suffix.lower()) if asset is not None else None
+    if asset is None or mimetype is None:
+        raise ApiError(404, "not_found", f"no documentation page {page!r}: see /docs")
+    return send_file(asset, mimetype=mimetype, max_age=3600)
 
 
 def _openapi(api: Api) -> Response:
@@ -577,51 +600,3 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-@functools.lru_cache(maxsize=4)
-def _readme(configured: Path | None) -> tuple[str, str]:
-    """The README's text and where it came from.
-
-    A checkout has it at the repository root; an installed wheel (the
-    container) carries it as the package's long description.
-    """
-    candidates = [configured] if configured is not None else []
-    candidates.append(HERE.parents[2] / "README.md")
-    for path in candidates:
-        try:
-            return path.read_text(encoding="utf-8"), str(path)
-        except OSError:
-            continue
-    try:
-        meta = importlib.metadata.metadata("soundwatch")
-    except importlib.metadata.PackageNotFoundError:
-        meta = None
-    if meta is not None:
-        body = meta.get_payload()  # type: ignore[attr-defined]
-        if isinstance(body, str) and body.strip():
-            return body, "the installed package's description"
-    return (
-        "# soundwatch\n\nThe README is not available in this installation.\n",
-        "(not found)",
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def _render_markdown(text: str) -> Markup:
-    try:
-        from markdown_it import MarkdownIt
-    except ImportError:  # still readable, just not typeset
-        logger.warning("markdown-it-py is not installed; /docs shows the README as text")
-        return Markup("<pre>{}</pre>").format(text)
-    # Raw HTML in the README is escaped, not passed through.
-    md = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
-    md.add_render_rule("image", _image_as_caption)
-    return Markup(md.render(text))
-
-
-def _image_as_caption(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
-    # The README's pictures live in the repository, not in the package, so
-    # the page names them instead of showing broken images.
-    alt = self.renderInlineAsText(tokens[idx].children or [], options, env)
-    return str(Markup('<span class="picture">[picture: {}]</span>').format(alt))

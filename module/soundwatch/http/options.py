@@ -5,9 +5,19 @@ The command line (:mod:`soundwatch.cli`) reads them with the same names for
 
 - a token comes from ``--http-token`` or ``SOUNDWATCH_HTTP_TOKEN``;
 - ``--http-no-auth`` or ``SOUNDWATCH_HTTP_AUTH=none`` turns it off explicitly;
-- with neither, the server binds loopback addresses only: any other address
-  is refused (a usage error), so an open API never reaches a plant network
-  by accident.
+- with neither, the server binds loopback addresses only, so an open API
+  never reaches a plant network by accident.
+
+What "refused" means depends on the command. ``serve`` exists only to serve
+the API, so it refuses an unsafe bind (a usage error). ``run`` and ``mic``
+carry the audio pipeline, which an HTTP setting must never stop (a container
+under ``restartPolicy: always`` would restart forever): without a usable
+token they serve on loopback instead of the address asked for
+(:attr:`HttpOptions.restricted` says why; health reports it under ``http``),
+which still answers the container's HEALTHCHECK and ``docker exec``. Which
+routes a token guards, and any token generated into ``state_dir``, are the
+app's business (:mod:`soundwatch.http.app`); this module only decides where
+the server listens.
 """
 
 from __future__ import annotations
@@ -45,6 +55,18 @@ class HttpOptions:
     max_upload_bytes: int
     upload_timeout_s: float
     classifiers: int
+    # The address asked for, and why the server listens elsewhere (loopback), if it does.
+    requested: str = ""
+    restricted: str | None = None
+
+    def describe(self) -> dict[str, object]:
+        """For health: where the API listens, whether it needs a token, and any restriction."""
+        return {
+            "listening": format_address(self.host, self.port),
+            "requested": self.requested or format_address(self.host, self.port),
+            "auth": "token" if self.token else "none",
+            "restricted": self.restricted,
+        }
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -67,6 +89,16 @@ def parse_address(text: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise HttpConfigError(f"bad port in {text!r}: must be 0..65535 (0 = any free port)")
     return host or "127.0.0.1", port
+
+
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT``, with IPv6 hosts in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def loopback_for(host: str) -> str:
+    """The loopback address of the same family as ``host`` (``::1`` for IPv6 binds)."""
+    return "::1" if ":" in host else "127.0.0.1"
 
 
 def is_loopback(host: str) -> bool:
@@ -126,8 +158,15 @@ def http_options(
     upload_timeout_s: float | None = None,
     classifiers: int | None = None,
     env: Mapping[str, str] | None = None,
+    loopback_without_token: bool = False,
 ) -> HttpOptions:
     """Validate the address and the HTTP options; raises :class:`HttpConfigError`.
+
+    With ``loopback_without_token`` (``run``, ``mic``), token and
+    authentication problems (none given off loopback, too short, contradictory
+    settings) do not raise: the server is moved to loopback, and
+    :attr:`HttpOptions.restricted` says why. Malformed options typed on the
+    command line (address, limits) still raise.
 
     An option left ``None`` takes the server's own default (``HttpSettings``,
     ``ServerLimits``): each default is written once, there.
@@ -137,7 +176,19 @@ def http_options(
 
     env = os.environ if env is None else env
     host, port = parse_address(address)
-    token = resolve_token(host, token, no_auth, env)
+    requested = format_address(host, port)
+    restricted: str | None = None
+    try:
+        token = resolve_token(host, token, no_auth, env)
+    except HttpConfigError as e:
+        if not loopback_without_token:
+            raise
+        host, token = loopback_for(host), None
+        restricted = (
+            f"{e}. Until then the HTTP API listens on {format_address(host, port)} only "
+            "(this machine or container; the health check still works)"
+        )
+        logger.warning("HTTP API: %s", restricted)
     if max_upload_mb is not None and not 0.01 <= max_upload_mb <= 1024:
         raise HttpConfigError("--http-max-upload-mb must be between 0.01 and 1024")
     if upload_timeout_s is not None and not 1 <= upload_timeout_s <= 3600:
@@ -155,6 +206,8 @@ def http_options(
             upload_timeout_s if upload_timeout_s is not None else DEFAULT_UPLOAD_TIMEOUT_S
         ),
         classifiers=int(classifiers if classifiers is not None else min(2, os.cpu_count() or 1)),
+        requested=requested,
+        restricted=restricted,
     )
 
 

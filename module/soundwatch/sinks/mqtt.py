@@ -4,8 +4,13 @@ Topics, under ``topic_prefix`` (the config's default is ``soundwatch/<device_id>
 
 ``status``      retained ``online`` / ``offline``. ``offline`` is the Last Will
                 (the broker publishes it when the connection dies, e.g. on
-                ``kill -9``) and is also published on a clean shutdown;
-                ``online`` is published on every connect.
+                ``kill -9``) and is also published on a clean shutdown.
+                ``online`` follows every connect, but a sink that a pipeline
+                feeds states (bound, ``include_state``) first publishes a
+                state of this run: the retained state of a previous run
+                (an anomaly that was active when it died) is never
+                announced as current. (The runtime binds each sink as soon
+                as it is built, before it can have connected.)
 ``events``      ``anomaly_started`` / ``anomaly_ended`` events (event.schema.json),
                 QoS ``qos`` (1 by default), not retained.
 ``state``       retained; the latest per-window state (state.schema.json),
@@ -123,6 +128,10 @@ class MqttSink(OutboxSink):
         self._receive_maximum: int | None = None
         self._net: threading.Thread | None = None
         self._announce = False
+        # `online` is due after a connect; when it goes out, see _publish_online_if_due.
+        self._online_due = False
+        self._state_of_this_run = False
+        self._ha_birth = False
         self._subscriptions: dict[str, TopicHandler] = {}
         self._subs_lock = threading.Lock()
         # Worker-only bookkeeping.
@@ -153,6 +162,11 @@ class MqttSink(OutboxSink):
         self._client.max_inflight_messages_set(config.max_inflight + _PAHO_INFLIGHT_HEADROOM)
         self._client.max_queued_messages_set(0)
         mqtt_compat.set_connect_timeout(self._client, config.connect_timeout_s)
+        if config.ha_discovery.enabled:
+            # Home Assistant's birth message: an HA that (re)starts must hear the
+            # status and state again, which matters when they are not retained.
+            ha_prefix = config.ha_discovery.prefix.strip("/")
+            self.subscribe(f"{ha_prefix}/status", self._on_ha_status)
         logger.info(
             "%s: MQTT %s:%d (%s), client id %s, topics %s/..., %d event(s) waiting in %s",
             self.name,
@@ -245,6 +259,11 @@ class MqttSink(OutboxSink):
     def _on_paho_error(self, text: str) -> None:
         self._paho_error = text
 
+    def _on_ha_status(self, payload: bytes, _retained: bool) -> None:
+        if payload.strip() == b"online":
+            self._ha_birth = True
+            self._wake.set()
+
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         with self._subs_lock:
             handler = self._subscriptions.get(topic)
@@ -299,7 +318,8 @@ class MqttSink(OutboxSink):
     def _on_connected(self) -> None:
         self._mark_connected()
         client = self._client
-        client.publish(self.topics["status"], "online", qos=1, retain=self.config.retain)
+        self._online_due = True
+        self._publish_online_if_due()
         with self._subs_lock:
             topics = list(self._subscriptions)
         for topic in topics:
@@ -324,16 +344,35 @@ class MqttSink(OutboxSink):
         if self._announce:
             self._announce = False
             self._publish_announcements()
+        if self._ha_birth:
+            self._ha_birth = False
+            self._publish_announcements()
+            if not self._online_due:  # already online: HA must hear it again
+                self._send_status("online")
         state = self._due_state()
         if state is not None:
             retain = self.config.retain
             self._send_bytes(self.topics["state"], wire_json(state), qos=1, retain=retain)
             self._count_state(sent=True)
+            self._state_of_this_run = True
+        self._publish_online_if_due()
         self._publish_health_if_due()
         self._send_events()
 
     def _next_deadline(self) -> float:
         return self._next_health
+
+    def _publish_online_if_due(self) -> None:
+        """``online`` once this connection may be announced (see the module docstring)."""
+        if not self._online_due:
+            return
+        fed = self.context is not None and self.include_state  # a pipeline sends states
+        if not fed or self._state_of_this_run:
+            self._online_due = False
+            self._send_status("online")
+
+    def _send_status(self, status: str) -> None:
+        self._client.publish(self.topics["status"], status, qos=1, retain=self.config.retain)
 
     def _end_connection(self) -> None:
         self._stop_network()

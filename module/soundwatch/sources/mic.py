@@ -400,6 +400,10 @@ class MicSource(Source):
         self._device_index: int | None = None
         self._reopens = 0
         self._overflows_closed_streams = 0
+        # Called (on the pipeline's thread) with each captured chunk as the device
+        # delivered it, (frames, channels) in ``dtype``, its first sample's position
+        # and the rate: the bench recorder keeps the device's own audio this way.
+        self.raw_tap: Callable[[npt.NDArray[Any], int, int], None] | None = None
         try:
             with _portaudio_lock():
                 info = self._resolve()
@@ -691,6 +695,9 @@ class _Pump:
             )
             self.discontinuity = False
             self.position = block.end_sample
+            tap = source.raw_tap
+            if tap is not None:
+                tap(chunk.data, block.start_sample, self.opened.rate_hz)
             flat = self._track_flatline(samples)
             self.healthy_data = not flat
             source._update_health(

@@ -114,6 +114,13 @@
       let text = ok ? "healthy" : "unhealthy";
       if (!ok && h.source && h.source.state) text += " · source " + h.source.state;
       $("health-text").textContent = text;
+      // The device as opened (a name the config only matched a part of, its rate).
+      if (h.source && h.source.device && document.body.dataset.mode === "run") {
+        const kind = document.body.dataset.sourceType || "";
+        const device = kind === "file" ? h.source.device.split("/").pop() : h.source.device;
+        $("source").textContent = (kind ? kind + ": " : "") + device +
+          (h.source.device_rate_hz ? " @ " + h.source.device_rate_hz + " Hz" : "");
+      }
       pill.title = "GET /health → " + r.res.status + (h.source && h.source.detail ? " · " + h.source.detail : "");
     } catch (e) {
       pill.dataset.state = "unhealthy";
