@@ -273,7 +273,7 @@ def test_settings_that_would_make_detection_impossible_are_refused(
 def test_hop_may_not_exceed_the_window(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"hop_s \(20.0\) must not exceed window_s \(10.0\)"):
         load_config(_write(tmp_path, "window:\n  hop_s: 20\n"), env={})
-    # The seeds' non-overlapping windows are fine: hop 10 s rounds to 10.008 s of frames.
+    # The reference service's non-overlapping windows are fine: hop 10 s rounds to 10.008 s of frames.
     load_config(_write(tmp_path, "window:\n  hop_s: 10\ndecision:\n  confirm_n: 60\n"), env={})
 
 

@@ -1,6 +1,6 @@
-"""MFCC features exactly as the seeds computed them, in numpy alone.
+"""MFCC features exactly as the reference service computed them, in numpy alone.
 
-The seeds ran ``librosa.feature.mfcc(y, sr=22050, n_mfcc=40)`` with librosa's
+The reference service ran ``librosa.feature.mfcc(y, sr=22050, n_mfcc=40)`` with librosa's
 defaults (n_fft 2048, hop 512, 128 Slaney mel bands, power 2, centred frames
 with zero padding, ``power_to_db`` with ``top_db=80``, orthonormal DCT-II) and
 then appended two zero columns and cut or filled the result to 433 frames.
@@ -135,7 +135,7 @@ def hann_window(n_fft: int) -> F64:
 
 
 class FeatureExtractor:
-    """Computes the seeds' MFCCs for a :class:`FeatureSpec`.
+    """Computes the reference service's MFCCs for a :class:`FeatureSpec`.
 
     It caches the window and the transposed matrices so each call does only
     the arithmetic. Instances are immutable after construction and may be
@@ -382,7 +382,7 @@ def loop_fill(y: npt.NDArray[np.floating[Any]], n: int, sample_rate_hz: int) -> 
 def fit_frames(mfcc: F32, spec: FeatureSpec) -> F32:
     """Append ``pad_columns`` zero columns, then cut or zero-fill to ``n_frames``.
 
-    This is what the seeds' ``prediction.py`` did; a 10 s clip at 22.05 kHz
+    This is what the reference service's ``prediction.py`` did; a 10 s clip at 22.05 kHz
     gives 431 frames, so 431 + 2 = 433 exactly.
     """
     n_mfcc, frames = mfcc.shape

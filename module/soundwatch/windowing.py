@@ -4,10 +4,10 @@ The stream is cut into windows of ``window_s`` (10 s) every ``hop_frames``
 STFT frames. Hops are whole frames so that consecutive windows share their
 frames exactly: at 22 050 Hz and hop_length 512, a "1 s" hop is 43 frames,
 22 016 samples, 0.998 s; a "10 s" hop is 431 frames (10.008 s), which makes
-the windows non-overlapping as the seeds' were.
+the windows non-overlapping as the reference service's were.
 
 Each window's features equal what :meth:`FeatureExtractor.model_input` gives
-for the window's 10 s of samples taken as a clip, i.e. what the seeds computed
+for the window's 10 s of samples taken as a clip, i.e. what the reference service computed
 for a 10 s recording. A centred STFT zero-pads a clip at both ends, so the two
 frames at each edge of a window see padding while every interior frame sees
 only real samples. Interior frames are therefore computed once per stream

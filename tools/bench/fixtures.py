@@ -1,6 +1,6 @@
 """Files the bench needs, made once per run in a temporary directory.
 
-- 10 s, 16 kHz mono WAV clips (MIMII's format), from ``soundwatch.fansim``
+- 10 s, 16 kHz mono WAV clips (MIMII's format), from the simulator (``soundwatch.sim``)
   when it is there, else from plain noise and fan-like tones. Content does
   not change the cost of either path; only length and rate do.
 - The reference service's CNN saved as a ``.keras`` file, which the reference service's path loads.
@@ -33,19 +33,17 @@ CLIP_SECONDS = 10.0
 FLOAT_REFERENCE = Path("tests/data/fan-float.tflite")
 
 
-def _fansim_clip(index: int) -> np.ndarray | None:
-    """A clip from soundwatch.fansim (cycling units, classes and SNRs), or None without it."""
+def _sim_clip(index: int) -> np.ndarray | None:
+    """A clip from the simulator (cycling units, classes and SNRs), or None without it."""
     try:
-        from soundwatch import fansim
+        from soundwatch.sim import CLASSES, typical_clip
     except ImportError:
         return None
-    classes = fansim.CLASSES
-    snrs = fansim.SNRS_DB
-    unit = fansim.make_unit(index % 4, seed=0)
-    y = fansim.synth_clip(
-        unit,
-        classes[index % len(classes)],
-        float(snrs[index % len(snrs)]),
+    snrs = (-6.0, 0.0, 6.0)
+    y = typical_clip(
+        2 * (index % 4) + 1,
+        CLASSES[index % len(CLASSES)],
+        snrs[index % len(snrs)],
         seed=index,
         duration_s=CLIP_SECONDS,
         sample_rate_hz=CLIP_RATE_HZ,
@@ -79,8 +77,8 @@ def write_clips(out_dir: Path, count: int) -> tuple[list[Path], str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, generators = [], set()
     for i in range(count):
-        y = _fansim_clip(i)
-        generators.add("soundwatch.fansim.synth_clip" if y is not None else "noise + tones")
+        y = _sim_clip(i)
+        generators.add("soundwatch.sim.typical_clip" if y is not None else "noise + tones")
         if y is None:
             y = _tones_clip(i)
         path = out_dir / f"clip{i:02d}.wav"

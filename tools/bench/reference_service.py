@@ -57,25 +57,19 @@ def pin_tf_threads(threads: int) -> None:
 def build_reference_cnn() -> tuple[Any, str]:
     """The reference service's CNN (untrained: weights do not matter for timing), and its origin.
 
-    Uses ``tools.train.arch.build_model("seed", ...)`` when it is there, so the
-    bench times exactly what training builds; otherwise builds it here:
+    Uses ``tools.train.arch.reference_cnn`` when it is there, so the bench
+    times exactly what training builds; otherwise builds it here:
     Conv2D 16/32/64 (kernel 2, relu), each followed by MaxPooling2D(2) and
     Dropout(0.2), then GlobalAveragePooling2D and Dense(4, softmax).
     """
     try:
-        from tools.train.arch import build_model
+        from tools.train.arch import reference_cnn
     except ImportError:
         pass
     else:
-        try:
-            model = build_model(
-                "seed", (REFERENCE_N_MFCC, REFERENCE_N_FRAMES), REFERENCE_N_CLASSES, None
-            )
-        except (TypeError, ValueError):
-            pass
-        else:
-            _compile_like_reference(model)
-            return model, 'tools.train.arch.build_model("seed") (untrained)'
+        model = reference_cnn((REFERENCE_N_MFCC, REFERENCE_N_FRAMES), REFERENCE_N_CLASSES)
+        _compile_like_reference(model)
+        return model, "tools.train.arch.reference_cnn (untrained)"
     from tensorflow import keras
 
     layers = keras.layers

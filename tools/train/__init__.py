@@ -1,4 +1,4 @@
-"""Training pipeline for the fan model: the seeds' pipeline, made sound.
+"""Training pipeline for the fan model: the reference service's pipeline, made sound.
 
 Stages, each runnable alone through ``python -m tools.train <stage>`` and all
 together through ``python -m tools.train all``::

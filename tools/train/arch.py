@@ -1,8 +1,8 @@
 """The networks: the reference service's CNN, two variants of it, and a statistics-pooling CNN.
 
-``seed``: three blocks of Conv2D (16/32/64 filters, kernel 2, relu), MaxPool 2
-and Dropout 0.2, then global average pooling and a softmax Dense layer, as
-the reference service built it.
+``reference``: three blocks of Conv2D (16/32/64 filters, kernel 2, relu),
+MaxPool 2 and Dropout 0.2, then global average pooling and a Dense layer, as
+the reference service built it (:func:`reference_cnn` is that network alone).
 
 ``tpool``: the same blocks, but the final average runs over time only, so the
 Dense layer still sees *which* coefficients (rows) a pattern sits at. Global
@@ -264,6 +264,16 @@ def _statpool(inputs: Any, n_classes: int, limit: float | None) -> list[Any]:
     ]
 
 
+def reference_cnn(input_shape: tuple[int, int], n_classes: int) -> Any:
+    """The reference service's CNN exactly: MFCCs in, softmax out (for comparisons)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(*input_shape, 1), name="mfcc")
+    (logits,) = _seed_like(inputs, "reference", n_classes)
+    return keras.Model(inputs, layers.Softmax(name="probs")(logits), name="reference_cnn")
+
+
 def _seed_like(inputs: Any, arch: str, n_classes: int) -> list[Any]:
     from keras import layers
 
@@ -272,7 +282,7 @@ def _seed_like(inputs: Any, arch: str, n_classes: int) -> list[Any]:
         x = layers.Conv2D(filters, kernel_size=2, activation="relu")(x)
         x = layers.MaxPooling2D(pool_size=2)(x)
         x = layers.Dropout(0.2)(x)
-    if arch == "seed":
+    if arch == "reference":
         x = layers.GlobalAveragePooling2D()(x)
     elif arch == "tpool":
         # (rows, time, channels) -> (rows, channels): average over time only.

@@ -1,6 +1,6 @@
-"""Audio augmentation: the seeds' three (white noise, roll, time stretch) plus level.
+"""Audio augmentation: the reference service's three (white noise, roll, time stretch) plus level.
 
-The seeds added ``0.005 * randn`` noise, rolled the signal and time-stretched
+The reference service added ``0.005 * randn`` noise, rolled the signal and time-stretched
 it, each making one extra copy of a training clip. Here each transform takes
 its amount explicitly (noise as an SNR, stretch as a rate) so it can be tested,
 and every augmented copy also gets a random level: recordings arrive at any

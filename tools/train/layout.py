@@ -25,7 +25,7 @@ from typing import Any
 
 from tools.train.augment import AugmentConfig
 
-ARCHS = ("seed", "tpool", "statpool")
+ARCHS = ("reference", "tpool", "statpool")
 NORMS = ("coef", "none")
 
 

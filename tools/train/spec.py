@@ -21,10 +21,10 @@ TRAIN_RATE_HZ = 16000
 
 
 def make_feature_spec(n_mfcc: int = N_MFCC) -> FeatureSpec:
-    """The seeds' feature spec: ``librosa.feature.mfcc(sr=22050, n_mfcc=40)``.
+    """The reference service's feature spec: ``librosa.feature.mfcc(sr=22050, n_mfcc=40)``.
 
-    ``n_mfcc`` keeps more of the DCT (the seeds kept 40 of 128); everything
-    else is the seeds' definition.
+    ``n_mfcc`` keeps more of the DCT (the reference service kept 40 of 128); everything
+    else is the reference service's definition.
     """
     import librosa
     import scipy.fft

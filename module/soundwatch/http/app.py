@@ -5,7 +5,7 @@ Two ways to build it:
 - beside a running :class:`soundwatch.app.Runtime` (``soundwatch run --http``):
   every route works, and ``/health``, ``/events``, ``/state`` and ``/metrics``
   describe the live pipeline;
-- with a bundle alone (``soundwatch serve``), as the seeds' server was: the
+- with a bundle alone (``soundwatch serve``), as the reference service's server was: the
   model answers uploads, and health reports model-only readiness.
 
 Uploads are classified by a small pool of :class:`ClipClassifier`, never by
@@ -205,7 +205,7 @@ def create_app(
     # Werkzeug refuses larger bodies with 413 before parsing them; the server
     # (waitress) enforces the same limit before buffering them.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seeds' key order
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the reference service's key order
     app.extensions["soundwatch"] = api
 
     app.before_request(functools.partial(_before, api))
@@ -222,7 +222,7 @@ def create_app(
     route("/health", "health", _health)
     route("/", "index", _index)
     route("/info", "info", _info)
-    # /predict: the name the seeds' siblings used for the same thing.
+    # /predict: another name clients of the reference service used for the same thing.
     route("/inference /predict", "inference", _inference, methods=["POST"])
     route("/events", "events", _events)
     route("/state", "state", _state)

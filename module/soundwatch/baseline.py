@@ -1,0 +1,406 @@
+"""The per-unit baseline: each machine's own normal, and how far a window departs from it.
+
+A classifier trained elsewhere judges a machine against other machines. A
+unit's baseline judges it against itself: it learns, from a stretch of the
+unit's own healthy sound, where that unit's windows usually sit and how much
+they vary, and scores every later window by its distance from there.
+
+**Embedding.** Each window is summarised by level-free pieces of what the
+pipeline computes anyway (no extra transform of the audio):
+
+* ``envelope``: the MFCC means without c0 (the spectral shape, not its level);
+* ``lines``: the fine low-frequency spectrum in 1/12-octave bands (the unit's
+  blade-pass comb, hum, shaft tone and any new line);
+* ``modulation``: how fast the whole sound's level moves, 0.3–20 Hz
+  (surging, imbalance, rattles and rubbing that come with the rotation);
+* ``physics``: the window's physics features (speed, comb, sidebands, hum,
+  whistle, surging).
+
+**Score.** Per dimension a robust z-score against the baseline (median and
+MAD, with a floor so a dimension that never moved cannot explode), squared
+and averaged per group; the window's novelty is the largest group score,
+each group first divided by the median of its own training scores so the
+groups count alike. Higher means less like the unit's normal.
+
+**Threshold.** Out-of-sample novelty of the learning windows (each time
+block scored against a baseline fitted without it) is fitted with a gamma
+distribution, and the threshold is its ``1 - false_alarm_rate`` quantile
+(the DCASE baselines' rule). A single window above it means little by
+design; the decision stage confirms over windows.
+
+A baseline is tied to the bundle and physics version it was learned with:
+loading it under another is refused, and the unit learns again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from soundwatch.features import WindowFeatures
+from soundwatch.physics import FEATURE_NAMES, PHYSICS_VERSION
+
+logger = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+BASELINE_FORMAT: Final = "soundwatch-baseline/1"
+#: The physics features the baseline compares (all level-free).
+PHYSICS_KEYS: Final[tuple[str, ...]] = tuple(FEATURE_NAMES)
+#: Smallest scale per group (in the group's own units: dB, or the feature's):
+#: windows of a steady machine can agree more closely than any real change.
+SCALE_FLOOR: Final = {"envelope": 0.3, "lines": 0.5, "modulation": 0.5, "physics": 0.3}
+#: Windows kept to refit the baseline (a false alarm joins them); float16.
+MAX_KEPT_WINDOWS: Final = 1200
+#: Time blocks for the out-of-sample scores behind the threshold.
+CV_BLOCKS: Final = 5
+
+
+class BaselineError(ValueError):
+    """A baseline that cannot be used: unreadable, or from another model."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each group sits in the embedding."""
+
+    groups: tuple[tuple[str, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, n in self.groups)
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for name, n in self.groups:
+            out[name] = slice(start, start + n)
+            start += n
+        return out
+
+
+def embedding(features: WindowFeatures) -> F32:
+    """One window's baseline embedding (see the module docstring)."""
+    mfcc = features.mfcc
+    means = mfcc[:, 2 : mfcc.shape[1] - 4].mean(axis=1)[1:]
+    sig = features.signature
+    physics = np.asarray([sig.values[k] for k in PHYSICS_KEYS], dtype=np.float32)
+    return np.concatenate([means, sig.low, sig.modulation, physics]).astype(np.float32)
+
+
+def layout_of(features: WindowFeatures) -> Layout:
+    sig = features.signature
+    return Layout(
+        (
+            ("envelope", features.mfcc.shape[0] - 1),
+            ("lines", sig.low.size),
+            ("modulation", sig.modulation.size),
+            ("physics", len(PHYSICS_KEYS)),
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Novelty:
+    """How far one window departs from the unit's normal."""
+
+    score: float
+    threshold: float
+    groups: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def anomalous(self) -> bool:
+        return self.score > self.threshold
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A unit's learned normal (see the module docstring)."""
+
+    baseline_id: str
+    model_version: str
+    physics_version: int
+    layout: Layout
+    center: F64 = field(repr=False)
+    scale: F64 = field(repr=False)
+    group_norm: dict[str, float]
+    threshold: float
+    false_alarm_rate: float
+    gamma: tuple[float, float]
+    learned_s: float
+    windows: int
+    created_at: float
+    kept: F32 = field(repr=False)
+
+    def group_scores(self, emb: F32) -> dict[str, float]:
+        z = (emb.astype(np.float64) - self.center) / self.scale
+        return {
+            name: float(np.mean(z[part] ** 2)) / self.group_norm[name]
+            for name, part in self.layout.slices().items()
+        }
+
+    def novelty(self, emb: F32) -> Novelty:
+        groups = self.group_scores(emb)
+        return Novelty(round(max(groups.values()), 4), self.threshold, {k: round(v, 3) for k, v in groups.items()})
+
+    def refit(self, extra: F32, learned_s: float = 0.0) -> Baseline:
+        """The baseline learned again with ``extra`` windows added (a false alarm's)."""
+        data = np.concatenate([self.kept.astype(np.float32), extra.astype(np.float32)])
+        return fit(
+            data,
+            self.layout,
+            self.model_version,
+            false_alarm_rate=self.false_alarm_rate,
+            learned_s=self.learned_s + learned_s,
+        )
+
+    # -- persistence ----------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Write atomically (a crash mid-write leaves the old file)."""
+        doc = {
+            "format": BASELINE_FORMAT,
+            "baseline_id": self.baseline_id,
+            "model_version": self.model_version,
+            "physics_version": self.physics_version,
+            "layout": [list(g) for g in self.layout.groups],
+            "group_norm": self.group_norm,
+            "threshold": self.threshold,
+            "false_alarm_rate": self.false_alarm_rate,
+            "gamma": list(self.gamma),
+            "learned_s": self.learned_s,
+            "windows": self.windows,
+            "created_at": self.created_at,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".baseline-", suffix=".npz", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(
+                    f,
+                    meta=np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8),
+                    center=self.center,
+                    scale=self.scale,
+                    kept=self.kept.astype(np.float16),
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path, model_version: str) -> Baseline:
+        """Load and check that it belongs to ``model_version`` and this physics version."""
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                doc = json.loads(bytes(npz["meta"]).decode())
+                center, scale, kept = npz["center"], npz["scale"], npz["kept"]
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            raise BaselineError(f"{path}: unreadable baseline ({e})") from e
+        if doc.get("format") != BASELINE_FORMAT:
+            raise BaselineError(f"{path}: format {doc.get('format')!r} is not {BASELINE_FORMAT!r}")
+        if doc.get("model_version") != model_version:
+            raise BaselineError(
+                f"{path}: learned with model {doc.get('model_version')!r}, not {model_version!r}"
+            )
+        if doc.get("physics_version") != PHYSICS_VERSION:
+            raise BaselineError(
+                f"{path}: learned with physics features version {doc.get('physics_version')!r}, "
+                f"not {PHYSICS_VERSION}"
+            )
+        layout = Layout(tuple((str(n), int(k)) for n, k in doc["layout"]))
+        if center.shape != (layout.size,) or scale.shape != (layout.size,):
+            raise BaselineError(f"{path}: arrays do not match the layout")
+        return cls(
+            baseline_id=str(doc["baseline_id"]),
+            model_version=model_version,
+            physics_version=PHYSICS_VERSION,
+            layout=layout,
+            center=center.astype(np.float64),
+            scale=scale.astype(np.float64),
+            group_norm={str(k): float(v) for k, v in doc["group_norm"].items()},
+            threshold=float(doc["threshold"]),
+            false_alarm_rate=float(doc["false_alarm_rate"]),
+            gamma=(float(doc["gamma"][0]), float(doc["gamma"][1])),
+            learned_s=float(doc["learned_s"]),
+            windows=int(doc["windows"]),
+            created_at=float(doc["created_at"]),
+            kept=kept.astype(np.float32),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "baseline_id": self.baseline_id,
+            "model_version": self.model_version,
+            "threshold": round(self.threshold, 4),
+            "false_alarm_rate": self.false_alarm_rate,
+            "learned_s": round(self.learned_s, 1),
+            "windows": self.windows,
+            "created_at": self.created_at,
+        }
+
+
+def _center_scale(data: F64, layout: Layout) -> tuple[F64, F64]:
+    center = np.median(data, axis=0)
+    mad = 1.4826 * np.median(np.abs(data - center), axis=0)
+    floor = np.empty(layout.size)
+    for name, part in layout.slices().items():
+        floor[part] = SCALE_FLOOR.get(name, 0.3)
+    return center, np.maximum(mad, floor)
+
+
+def _raw_group_scores(data: F64, center: F64, scale: F64, layout: Layout) -> dict[str, F64]:
+    z = (data - center) / scale
+    return {name: np.mean(z[:, part] ** 2, axis=1) for name, part in layout.slices().items()}
+
+
+def fit(
+    embeddings: F32,
+    layout: Layout,
+    model_version: str,
+    *,
+    false_alarm_rate: float = 0.01,
+    learned_s: float = 0.0,
+) -> Baseline:
+    """Learn a baseline from a unit's normal windows (in time order)."""
+    data = np.asarray(embeddings, dtype=np.float64)
+    if data.ndim != 2 or data.shape[1] != layout.size:
+        raise BaselineError(f"embeddings must be (n, {layout.size}), got {data.shape}")
+    if len(data) < 2 * CV_BLOCKS:
+        raise BaselineError(f"need at least {2 * CV_BLOCKS} windows to learn, got {len(data)}")
+    if not 0 < false_alarm_rate < 0.5:
+        raise BaselineError("false_alarm_rate must be in (0, 0.5)")
+    center, scale = _center_scale(data, layout)
+    inside = _raw_group_scores(data, center, scale, layout)
+    norm = {k: max(float(np.median(v)), 1e-6) for k, v in inside.items()}
+    # Out-of-sample scores: each block of consecutive windows against the rest.
+    blocks = np.array_split(np.arange(len(data)), CV_BLOCKS)
+    held: list[F64] = []
+    for block in blocks:
+        rest = np.setdiff1d(np.arange(len(data)), block)
+        c, s = _center_scale(data[rest], layout)
+        groups = _raw_group_scores(data[block], c, s, layout)
+        held.append(np.max(np.stack([groups[k] / norm[k] for k in groups]), axis=0))
+    scores = np.concatenate(held)
+    shape, gscale = _fit_gamma(scores)
+    threshold = _gamma_quantile(1.0 - false_alarm_rate, shape, gscale)
+    keep = np.linspace(0, len(data) - 1, min(len(data), MAX_KEPT_WINDOWS)).round().astype(int)
+    digest = hashlib.sha256(np.ascontiguousarray(data[keep]).tobytes()).hexdigest()[:12]
+    return Baseline(
+        baseline_id=f"bl-{digest}",
+        model_version=model_version,
+        physics_version=PHYSICS_VERSION,
+        layout=layout,
+        center=center,
+        scale=scale,
+        group_norm=norm,
+        threshold=round(float(threshold), 4),
+        false_alarm_rate=false_alarm_rate,
+        gamma=(round(shape, 5), round(gscale, 5)),
+        learned_s=learned_s,
+        windows=len(data),
+        created_at=round(time.time(), 3),
+        kept=data[keep].astype(np.float32),
+    )
+
+
+def _fit_gamma(x: F64) -> tuple[float, float]:
+    """Gamma (shape, scale) by maximum likelihood (Minka's fixed point), for positive ``x``."""
+    x = np.maximum(np.asarray(x, dtype=np.float64), 1e-9)
+    mean = float(x.mean())
+    s = math.log(mean) - float(np.mean(np.log(x)))
+    if s <= 1e-9:
+        return 1e6, mean / 1e6
+    k = (3 - s + math.sqrt((s - 3) ** 2 + 24 * s)) / (12 * s)
+    for _ in range(20):
+        k -= (math.log(k) - _digamma(k) - s) / (1 / k - _trigamma(k))
+        k = max(k, 1e-3)
+    return k, mean / k
+
+
+def _digamma(x: float) -> float:
+    result = 0.0
+    while x < 6:
+        result -= 1 / x
+        x += 1
+    f = 1 / (x * x)
+    return result + math.log(x) - 0.5 / x - f * (1 / 12 - f * (1 / 120 - f * (1 / 252)))
+
+
+def _trigamma(x: float) -> float:
+    result = 0.0
+    while x < 6:
+        result += 1 / (x * x)
+        x += 1
+    f = 1 / (x * x)
+    return result + 1 / x + f / 2 + f / x * (1 / 6 - f * (1 / 30 - f / 42))
+
+
+def _gamma_quantile(p: float, shape: float, scale: float) -> float:
+    """The ``p`` quantile of a gamma distribution (bisection on the regularised CDF)."""
+    lo, hi = 0.0, max(1.0, shape * scale)
+    while _gamma_cdf(hi, shape, scale) < p:
+        hi *= 2
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if _gamma_cdf(mid, shape, scale) < p:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _gamma_cdf(x: float, shape: float, scale: float) -> float:
+    """P(X <= x): the regularised lower incomplete gamma function (series / continued fraction)."""
+    if x <= 0:
+        return 0.0
+    z = x / scale
+    if z < shape + 1:
+        term = total = 1.0 / shape
+        a = shape
+        for _ in range(500):
+            a += 1
+            term *= z / a
+            total += term
+            if abs(term) < abs(total) * 1e-14:
+                break
+        return min(1.0, total * math.exp(-z + shape * math.log(z) - math.lgamma(shape)))
+    # Continued fraction for the upper tail (Lentz).
+    b = z + 1 - shape
+    c = 1e300
+    d = 1 / b
+    h = d
+    for i in range(1, 500):
+        an = -i * (i - shape)
+        b += 2
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-14:
+            break
+    return max(0.0, 1.0 - math.exp(-z + shape * math.log(z) - math.lgamma(shape)) * h)
+
+
+def auc(normal: Sequence[float], abnormal: Sequence[float]) -> float:
+    """Area under the ROC curve: P(abnormal score > normal score), ties half."""
+    a = np.asarray(abnormal, dtype=np.float64)[:, None]
+    n = np.asarray(normal, dtype=np.float64)[None, :]
+    return float(np.mean((a > n) + 0.5 * (a == n)))
