@@ -171,10 +171,10 @@ def _schedule(
     if plan.short and rng.random() < plan.short:
         duration = float(rng.uniform(1.0, 0.9 * plan.duration_s))
     if plan.straddle and rng.random() < plan.straddle:
-        # A change between normal and a fault (either way), ramping over up to
-        # 4 s; ``state`` keeps the larger share, so the clip's folder and its
+        # A change between normal and a fault (either way), ramping over
+        # 0.5–4 s as a machine's sound does (a gain change is instant); ``state`` keeps the larger share, so the clip's folder and its
         # majority label agree (its soft label has both shares).
-        ramp = float(rng.uniform(0.2, min(4.0, 0.3 * duration)))
+        ramp = float(rng.uniform(0.5, min(4.0, 0.3 * duration)))
         other = "normal" if state != "normal" else str(rng.choice(FAULTS))
         if rng.random() < 0.5:
             change = float(rng.uniform(0.55, 0.9)) * duration
