@@ -196,6 +196,7 @@ def _http_options(args: argparse.Namespace) -> Any:
             max_upload_mb=args.http_max_upload_mb,
             upload_timeout_s=args.http_upload_timeout,
             classifiers=args.http_classifiers,
+            allowed_hosts=args.http_allowed_hosts,
         )
     except HttpConfigError as e:
         raise UsageError(f"--http: {e}") from e
@@ -563,7 +564,7 @@ def _add_bundle(p: argparse.ArgumentParser) -> None:
 
 
 def _add_http(p: argparse.ArgumentParser, *, default_address: str | None) -> None:
-    from soundwatch.http.options import AUTH_ENV, DEFAULT_ADDRESS, TOKEN_ENV
+    from soundwatch.http.options import ALLOWED_HOSTS_ENV, AUTH_ENV, DEFAULT_ADDRESS, TOKEN_ENV
 
     g = p.add_argument_group("HTTP API")
     g.add_argument(
@@ -601,6 +602,12 @@ def _add_http(p: argparse.ArgumentParser, *, default_address: str | None) -> Non
         type=int,
         metavar="N",
         help="uploads classified at once (default: min(2, CPUs))",
+    )
+    g.add_argument(
+        "--http-allowed-hosts",
+        metavar="NAMES",
+        help="host names the API answers to besides IP addresses, localhost and this "
+        f"machine's name, comma-separated; * for any (default: ${ALLOWED_HOSTS_ENV})",
     )
 
 

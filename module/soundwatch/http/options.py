@@ -7,7 +7,15 @@ The command line (:mod:`soundwatch.cli`) reads them with the same names for
 - ``--http-no-auth`` or ``SOUNDWATCH_HTTP_AUTH=none`` turns it off explicitly;
 - with neither, the server binds loopback addresses only: any other address
   is refused (a usage error), so an open API never reaches a plant network
-  by accident.
+  by accident;
+- the routes that change the module need a token in every case: without a
+  configured one, ``soundwatch run`` writes a random one to
+  ``<state_dir>/http-command-token`` (mode 0600) and logs where
+  (:func:`command_token`).
+
+The ``Host`` header must be an IP address, ``localhost``, the bound host
+name, this machine's host name (on a non-loopback bind) or a name given with
+``--http-allowed-hosts`` / ``SOUNDWATCH_HTTP_ALLOWED_HOSTS`` (``*``: any).
 """
 
 from __future__ import annotations
@@ -15,8 +23,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
+import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "SOUNDWATCH_HTTP_TOKEN"
 AUTH_ENV = "SOUNDWATCH_HTTP_AUTH"
+ALLOWED_HOSTS_ENV = "SOUNDWATCH_HTTP_ALLOWED_HOSTS"
 DEFAULT_ADDRESS = "127.0.0.1:5000"
+COMMAND_TOKEN_FILE = "http-command-token"
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?$")
 
 
 class HttpConfigError(ValueError):
@@ -45,6 +60,8 @@ class HttpOptions:
     max_upload_bytes: int
     upload_timeout_s: float
     classifiers: int
+    # Host header names answered besides IP addresses, localhost and the bound name.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -125,6 +142,7 @@ def http_options(
     max_upload_mb: float | None = None,
     upload_timeout_s: float | None = None,
     classifiers: int | None = None,
+    allowed_hosts: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> HttpOptions:
     """Validate the address and the HTTP options; raises :class:`HttpConfigError`.
@@ -155,7 +173,62 @@ def http_options(
             upload_timeout_s if upload_timeout_s is not None else DEFAULT_UPLOAD_TIMEOUT_S
         ),
         classifiers=int(classifiers if classifiers is not None else min(2, os.cpu_count() or 1)),
+        allowed_hosts=parse_allowed_hosts(
+            allowed_hosts if allowed_hosts is not None else env.get(ALLOWED_HOSTS_ENV, "")
+        ),
     )
+
+
+def parse_allowed_hosts(text: str) -> tuple[str, ...]:
+    """``name,name,...`` (or ``*``) into lower-case host names; raises :class:`HttpConfigError`."""
+    names = tuple(n.strip().lower().rstrip(".") for n in text.split(",") if n.strip())
+    for name in names:
+        if name != "*" and not _HOST_NAME.match(name):
+            raise HttpConfigError(
+                f"--http-allowed-hosts: {name!r} is not a host name (give names only, "
+                "without scheme or port, separated by commas; * allows any)"
+            )
+    return names
+
+
+def answered_hosts(options: HttpOptions) -> frozenset[str]:
+    """The Host names the server answers to besides IP addresses (see the module docstring)."""
+    names = {"localhost", *options.allowed_hosts}
+    host = options.host.lower()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        names.add(host)  # bound by name
+    if not is_loopback(host):
+        names.add(socket.gethostname().lower())
+    return frozenset(names)
+
+
+def command_token(state_dir: Path) -> Path:
+    """The token file for the state-changing routes in ``state_dir``, made if missing.
+
+    A random token (256 bits) in a file only its owner can read; an existing
+    one is kept, so scripts that read it keep working across restarts. Raises
+    ``OSError`` when the directory is not writable.
+    """
+    path = state_dir / COMMAND_TOKEN_FILE
+    try:
+        if path.stat().st_mode & 0o077 == 0 and len(path.read_text().strip()) >= 32:
+            return path
+        logger.warning("%s is unusable (readable by others, or too short): replacing it", path)
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask, and if tmp existed
+        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
 
 
 def build_server(
@@ -169,10 +242,26 @@ def build_server(
     from soundwatch.http.app import HttpSettings, create_app
     from soundwatch.http.server import HttpServer, ServerLimits
 
+    generated: str | None = None
+    if options.token is None and runtime is not None:
+        try:
+            path = command_token(runtime.config.state_dir)
+        except OSError as e:
+            # Commands then stay refused (401): never open them instead.
+            logger.error("HTTP: cannot write a command token to the state directory: %s", e)
+        else:
+            generated = path.read_text().strip()
+            logger.info(
+                "HTTP: PATCH /config and POST /commands/* need 'Authorization: Bearer <token>'; "
+                "no token was set, so it is the one in %s",
+                path,
+            )
     settings = HttpSettings(
         token=options.token,
         max_upload_bytes=options.max_upload_bytes,
         classifiers=options.classifiers,
+        command_token=generated,
+        allowed_hosts=answered_hosts(options),
     )
     app = create_app(bundle, runtime=runtime, settings=settings)
     limits = ServerLimits(
