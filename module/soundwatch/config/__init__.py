@@ -94,6 +94,9 @@ class FileSourceConfig(_Strict):
     path: Path
     loop: bool = False
     realtime: bool = Field(False, description="pace at real time instead of as fast as possible")
+    speed: float = Field(
+        1.0, gt=0, le=1000, description="with realtime: play this many times faster (drills)"
+    )
     block_s: float = Field(0.1, gt=0, le=10)
 
 
