@@ -62,8 +62,12 @@ from soundwatch.windowing import FeatureWindow, StreamingFeatures, hop_frames_fo
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[Message], None]
-# How long shutdown waits for sinks to flush (MQTT acks, file fsync).
+# How long the end of a source (a file run) waits for sinks to flush (MQTT acks, file fsync).
 CLOSE_TIMEOUT_S = 10.0
+# After a stop request (SIGTERM, Ctrl-C) the sinks get this long, together: the
+# process must be gone within 3 s whatever the broker does (docker stop's grace
+# is 10 s). What is not acknowledged by then stays in the outboxes.
+STOP_CLOSE_TIMEOUT_S = 1.5
 RECENT_EVENTS = 500
 # Decided events waiting for a sequence number that can be persisted (a full
 # state disk); beyond this the oldest is given up, counted and logged.
@@ -289,7 +293,7 @@ class Runtime:
                 self._emit(out)
             self._give_up_held()
             self._ended = True
-            self._close_sinks()
+            self._close_sinks(STOP_CLOSE_TIMEOUT_S if stop.is_set() else CLOSE_TIMEOUT_S)
             self._running = False
         return self._report_delivery()
 
@@ -462,19 +466,41 @@ class Runtime:
             self.stats.events_lost[sink_name] += 1
         logger.error("sink %s failed to deliver a message: %s", sink_name, error)
 
-    def _close_sinks(self) -> None:
+    def _close_sinks(self, timeout_s: float) -> None:
+        """Close the channels, the control plane and the sinks, within about ``timeout_s``.
+
+        The sinks close side by side, each with the whole budget, so one
+        whose destination hangs does not eat another's time.
+        """
+        deadline = time.monotonic() + timeout_s
         # Commands first: a channel answers through its sink's connection.
         for channel in self.channels:
             try:
                 channel.close()
             except Exception:
                 logger.exception("closing the command channel of %s failed", channel.name)
-        self.control.close()
-        for sink in self.sinks:
-            try:
-                sink.close(CLOSE_TIMEOUT_S)
-            except Exception:
-                logger.exception("closing sink %s failed", sink.name)
+        self.control.close(min(5.0, timeout_s / 2))
+        closers = [
+            threading.Thread(
+                target=self._close_sink, args=(sink, timeout_s), name=f"close-{sink.name}"
+            )
+            for sink in self.sinks
+        ]
+        for closer in closers:
+            closer.daemon = True
+            closer.start()
+        for closer in closers:
+            # The sinks keep to the budget themselves; the margin is for their last steps.
+            closer.join(max(deadline - time.monotonic(), 0.0) + 0.5)
+            if closer.is_alive():
+                logger.error("%s did not finish in time; leaving it", closer.name)
+
+    @staticmethod
+    def _close_sink(sink: Sink, timeout_s: float) -> None:
+        try:
+            sink.close(timeout_s)
+        except Exception:
+            logger.exception("closing sink %s failed", sink.name)
 
 
 class ResampleChain:

@@ -262,7 +262,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         code = runtime.run(stop)
     finally:
         if http is not None:
-            http.stop()
+            http.stop(timeout_s=0.5)  # a SIGTERM must end the process within 3 s
     return code if http is not None or options is None else EXIT_FAILED
 
 
