@@ -87,6 +87,12 @@ class MicSourceConfig(_Strict):
         10.0, gt=0, le=3600, description="constant signal for this long = unhealthy"
     )
     queue_blocks: int = Field(100, ge=2, le=10_000, description="capture queue bound (blocks)")
+    overflow_storm_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="blocks lost faster than the device makes them for this long = unhealthy",
+    )
 
 
 class FileSourceConfig(_Strict):
