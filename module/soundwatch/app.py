@@ -91,6 +91,7 @@ class Stats:
     # any exits 1), and events stored to be sent after the next start.
     events_lost: collections.Counter[str] = field(default_factory=collections.Counter)
     events_kept: collections.Counter[str] = field(default_factory=collections.Counter)
+    lost_event_ids: set[str] = field(default_factory=set)  # lost by one sink or more
     # Decided events never numbered (no sequence number could be persisted).
     events_not_emitted: int = 0
     stage_seconds: dict[str, list[float]] = field(
@@ -301,7 +302,8 @@ class Runtime:
         """Log what could not be delivered or stored; 1 if anything, else 0."""
         stats = self.stats
         emitted = sum(stats.events.values())
-        lost = sum(stats.events_lost.values())
+        with self._lock:
+            lost = len(stats.lost_event_ids)
         for sink, n in sorted(stats.events_kept.items()):
             logger.warning(
                 "%s: %d event(s) not yet delivered wait in its outbox for the next start", sink, n
@@ -447,14 +449,14 @@ class Runtime:
                 listener(message)
             except Exception:  # a view must never stop the pipeline
                 logger.exception("listener failed")
-        is_event = isinstance(message, Event)
+        event_id = message.event_id if isinstance(message, Event) else None
         for sink in self.sinks:
             future = sink.publish(message)
             future.add_done_callback(
-                functools.partial(self._on_delivery, sink_name=sink.name, is_event=is_event)
+                functools.partial(self._on_delivery, sink_name=sink.name, event_id=event_id)
             )
 
-    def _on_delivery(self, future: Future[None], *, sink_name: str, is_event: bool) -> None:
+    def _on_delivery(self, future: Future[None], *, sink_name: str, event_id: str | None) -> None:
         error = future.exception()
         if error is None:
             return
@@ -462,8 +464,10 @@ class Runtime:
             self.stats.events_kept[sink_name] += 1
             return
         self.stats.publish_failures[sink_name] += 1
-        if is_event:
+        if event_id is not None:
             self.stats.events_lost[sink_name] += 1
+            with self._lock:
+                self.stats.lost_event_ids.add(event_id)
         logger.error("sink %s failed to deliver a message: %s", sink_name, error)
 
     def _close_sinks(self, timeout_s: float) -> None:
