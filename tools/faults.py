@@ -83,7 +83,8 @@ class Settings:
     commands: int
 
 
-FULL = Settings(outage_s=60, flaps=15, kills=3, freeze_s=15, disk_full_s=20, commands=3000)
+# disk_full_s: long enough for the 50 numbers left below the stored ceiling to run out.
+FULL = Settings(outage_s=60, flaps=15, kills=3, freeze_s=15, disk_full_s=40, commands=3000)
 QUICK = Settings(outage_s=10, flaps=5, kills=2, freeze_s=5, disk_full_s=8, commands=1000)
 
 
@@ -258,14 +259,18 @@ def disk_full(root: Path, broker: Mosquitto, s: Settings) -> Row:
             log = drill.module.run_log()
             filler.unlink()
             held = "holding events in memory" in log
+            unstored_seq = "cannot persist sequence ceiling" in log
             waited = "event held, not emitted yet" in log
             drill.module.wait_events(len(drill.module.events()) + 4)
             drill.wait_delivered()
             drill.terminate()
             drill.drain()
-            how = ", ".join(
-                [w for w, on in (("outbox held in memory", held), ("seq waited", waited)) if on]
+            what = (
+                ("outbox held events in memory", held),
+                ("seq ceiling not stored", unstored_seq),
+                ("events waited for a seq", waited),
             )
+            how = ", ".join(w for w, on in what if on)
             return drill.row(
                 f"state disk full {s.disk_full_s:g} s; {during} emitted meanwhile ({how})"
             )
