@@ -9,8 +9,13 @@ time; ``None`` = as fast as the machine goes, tens of events a second).
 Every event the module emits is also written to a JSON Lines *ledger* on a
 disk the faults do not touch: it is what was emitted, the collector
 (``mosquitto_sub``) is what was delivered, and the two are compared by
-``event_id``. The ledger and the log survive restarts of the module (each
-run appends).
+``event_id``. The ledger is the *last* sink: the runtime hands an event to
+its sinks in order and an MQTT sink has stored it in its outbox before
+``publish`` returns, so an event in the ledger was handed to every sink and
+is in the outbox. (A ``kill -9`` between two sinks leaves an event in the
+earlier sinks only; with the ledger first, such an event would count as lost
+although the module never finished emitting it.) The ledger and the log
+survive restarts of the module (each run appends).
 
 :func:`small_disk` mounts a size-limited tmpfs (root only; tests skip
 without it) and :func:`fill` fills it, for "disk full".
@@ -46,6 +51,9 @@ def event_clip(path: Path) -> Path:
     return path
 
 
+LEDGER = "ledger"
+
+
 def module_config(
     directory: Path,
     *,
@@ -54,13 +62,13 @@ def module_config(
     speed: float | None = None,
     device_id: str = "faults",
 ) -> dict[str, Any]:
-    """A config that raises events steadily (module docstring); the ledger comes first."""
+    """A config that raises events steadily (module docstring); the ledger comes last."""
     clip = event_clip(directory / "loop.wav")
     source: dict[str, Any] = {"type": "file", "path": str(clip), "loop": True}
     source["realtime"] = speed is not None
     if speed is not None:
         source["speed"] = speed
-    ledger = {"type": "jsonl", "name": "ledger", "path": str(directory / "ledger.jsonl")}
+    ledger = {"type": "jsonl", "name": LEDGER, "path": str(directory / "ledger.jsonl")}
     return {
         "device_id": device_id,
         "state_dir": str(state_dir),
@@ -72,7 +80,7 @@ def module_config(
             "confirm_n": 1,
             "cooldown_s": 0.0,
         },
-        "sinks": [ledger, *sinks],
+        "sinks": [*sinks, ledger],
     }
 
 
@@ -120,7 +128,7 @@ class Module:
         directory.mkdir(parents=True, exist_ok=True)
         self.config_path = directory / f"config-{uuid.uuid4().hex[:8]}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.ledger_path = Path(config["sinks"][0]["path"])
+        self.ledger_path = Path(next(s["path"] for s in config["sinks"] if s.get("name") == LEDGER))
         self.log_path = directory / "module.log"
         self.http = http
         self.proc: subprocess.Popen[bytes] | None = None
