@@ -39,7 +39,7 @@ bench: setup-train
 
 # Broker outage, kill -9, flapping, frozen broker, full state disk, command flood
 # against a real `soundwatch run` and mosquitto; one table (docs/faults.md). About
-# 6 minutes, so not part of `make test`. Mounting the small disk needs root.
+# 4 minutes, so not part of `make test`. Mounting the small disk needs root.
 faults: setup-test
 	$(BIN)/python -m tools.faults
 

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m tools.faults                  # every scenario (about 6 minutes)
-    python -m tools.faults --quick          # shorter outages, fewer flaps (about 2 minutes)
+    python -m tools.faults                  # every scenario (about 4 minutes)
+    python -m tools.faults --quick          # shorter outages, fewer flaps (about 1.5 minutes)
     python -m tools.faults --only flapping  # one scenario (repeat --only for more)
 
 Everything is real: mosquitto (with persistence, as a production broker
