@@ -162,10 +162,12 @@ class Runtime:
             health=self.health,
             latest_state=lambda: self._latest_state,
         )
-        for sink in self.sinks:
-            sink.bind(context)
         self.control = ControlPlane(self)
         self.channels: list[Channel] = open_channels(self.sinks, self.control)
+        # Bound last: a sink's worker may ask for health() at once, which reads
+        # the control plane and the channels (it raised before they existed).
+        for sink in self.sinks:
+            sink.bind(context)
         self.control.start()
 
     # --- what the edges use ------------------------------------------------
