@@ -274,7 +274,8 @@ def test_settings_that_would_make_detection_impossible_are_refused(
 def test_hop_may_not_exceed_the_window(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"hop_s \(20.0\) must not exceed window_s \(10.0\)"):
         load_config(_write(tmp_path, "window:\n  hop_s: 20\n"), env={})
-    # The reference service's non-overlapping windows are fine: hop 10 s rounds to 10.008 s of frames.
+    # The reference service's non-overlapping windows are fine: hop 10 s rounds to
+    # 10.008 s of frames.
     load_config(_write(tmp_path, "window:\n  hop_s: 10\ndecision:\n  confirm_n: 60\n"), env={})
 
 
@@ -301,7 +302,7 @@ def _another(path: str, value: Any) -> Any:
     if isinstance(value, int):
         return value + 1
     if isinstance(value, float):
-        return value / 2
+        return value / 2 if value else 1.0  # a different value, also for 0.0
     assert isinstance(value, str), (path, value)
     return value + "-2"
 

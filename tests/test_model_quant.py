@@ -71,7 +71,9 @@ def _float_probs(interp: object, clf: Classifier, w: WindowFeatures) -> np.ndarr
     return interp.get_tensor(out["index"]).reshape(-1)  # type: ignore[attr-defined,no-any-return]
 
 
-def _windows(classifier: Classifier, snrs: tuple[float, ...], per: int, seed0: int) -> list[WindowFeatures]:
+def _windows(
+    classifier: Classifier, snrs: tuple[float, ...], per: int, seed0: int
+) -> list[WindowFeatures]:
     """Windows of fresh clips of an unseen unit in the middle of the simulated world."""
     extractor = FeatureExtractor(classifier.bundle.spec)
     rate = classifier.bundle.spec.sample_rate_hz

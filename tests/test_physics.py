@@ -63,7 +63,9 @@ def test_the_feature_vector_has_one_value_per_name(fx: FeatureExtractor) -> None
 
 
 @pytest.mark.parametrize("shaft_hz", [13.4, 20.3, 21.43, 23.9, 31.2])
-def test_the_shaft_rate_is_read_from_the_blade_pass_comb(fx: FeatureExtractor, shaft_hz: float) -> None:
+def test_the_shaft_rate_is_read_from_the_blade_pass_comb(
+    fx: FeatureExtractor, shaft_hz: float
+) -> None:
     # 21.43 Hz puts the blade pass on the hum's 3rd harmonic (150 Hz).
     values = fx.analyse(_fan(shaft_hz)).signature.values
     assert values["shaft_hz"] == pytest.approx(shaft_hz, abs=max(0.1, 0.005 * shaft_hz))

@@ -241,8 +241,8 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
 
     physics_mean, physics_std = arrays.get("physics_mean"), arrays.get("physics_std")
     n_physics = len(FEATURE_NAMES)
-    for name, arr in (("physics_mean", physics_mean), ("physics_std", physics_std)):
-        if arr is None or arr.shape != (n_physics,) or not np.all(np.isfinite(arr)):
+    for name, values in (("physics_mean", physics_mean), ("physics_std", physics_std)):
+        if values is None or values.shape != (n_physics,) or not np.all(np.isfinite(values)):
             raise BundleError(f"{feat_path}: {name} must be {n_physics} finite values")
     assert physics_mean is not None and physics_std is not None
     if np.any(physics_std <= 0):
@@ -295,7 +295,9 @@ def _typical(
         or means.shape != (n_classes, dims)
         or precision.shape != (dims, dims)
     ):
-        raise BundleError(f"{where}: typical_mean/typical_precision missing or not ({n_classes}, {dims})")
+        raise BundleError(
+            f"{where}: typical_mean/typical_precision missing or not ({n_classes}, {dims})"
+        )
     thresholds = _require(rule, "thresholds", list, f"{where}: unknown")
     ramps = _require(rule, "ramps", list, f"{where}: unknown")
     if len(thresholds) != n_classes or len(ramps) != n_classes or min(ramps) <= 0:

@@ -279,13 +279,18 @@ class FeatureExtractor:
         if physics is None:
             spec = self.spec
             physics = PhysicsExtractor(
-                spec.sample_rate_hz, spec.n_fft, spec.hop_length, self._mel_centres_hz,
+                spec.sample_rate_hz,
+                spec.n_fft,
+                spec.hop_length,
+                self._mel_centres_hz,
                 low_interior.shape[0],
             )
             self._physics[low_interior.shape[0]] = physics
         signature = physics.signature(low_interior, repaired)
         frame_s = self.spec.hop_length / self.spec.sample_rate_hz
-        clipped = float(np.count_nonzero(np.abs(samples) >= CLIPPED_LEVEL)) / max(1, samples.shape[0])
+        clipped = float(np.count_nonzero(np.abs(samples) >= CLIPPED_LEVEL)) / max(
+            1, samples.shape[0]
+        )
         quality = Quality(
             valid_s=round((log_mel.shape[0] - n_dead) * frame_s, 3),
             dead_frames=n_dead,
@@ -428,7 +433,10 @@ def level_steps(log_mel: F64) -> list[tuple[int, float]]:
 
 
 def undo_level_steps(
-    log_mel: F64, low: npt.NDArray[np.complex64], low_first_frame: int, steps: list[tuple[int, float]]
+    log_mel: F64,
+    low: npt.NDArray[np.complex64],
+    low_first_frame: int,
+    steps: list[tuple[int, float]],
 ) -> tuple[F64, npt.NDArray[np.complex64]]:
     """The frames as if the gain had not moved (later frames brought back by each jump)."""
     if not steps:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
-import importlib.metadata
 import ipaddress
 import logging
 import math
@@ -55,7 +54,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from soundwatch import __version__
 from soundwatch.audio import AudioError
-from soundwatch.classify import Classification, ClipClassifier
+from soundwatch.classify import ClipClassifier
 from soundwatch.control import (
     MAX_COMMAND_BYTES,
     CommandRequest,
@@ -563,7 +562,10 @@ def _run_command(api: Api, route: str, default: str | None, name: str | None = N
         check_nesting(args)
         return CommandRequest(name, args, "http", origin)
 
-    result = runtime.control.call("http", origin, parse)
+    control = runtime.control
+    if control is None:  # the runtime is still being built: commands are not taken yet
+        raise ApiError(503, "starting", "the module is starting: try again in a moment")
+    result = control.call("http", origin, parse)
     response = jsonify(_json_safe(result.to_json()))
     response.status_code = _COMMAND_STATUS.get(result.status, 503)
     if result.retry_after_s is not None:
