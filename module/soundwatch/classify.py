@@ -131,7 +131,11 @@ class ClipClassifier:
 
     def _message(self, prediction: Prediction) -> str:
         if prediction.label == UNKNOWN:
-            return UNKNOWN_MESSAGE if prediction.reason is None else f"Cannot judge: {prediction.reason}"
+            if prediction.reason is not None:
+                return f"Cannot judge: {prediction.reason}"
+            if prediction.unsure is not None:
+                return f"Not sure: {prediction.unsure}"
+            return UNKNOWN_MESSAGE
         return next(c.message for c in self.bundle.classes if c.name == prediction.label)
 
     def _warnings(self, clip: Clip, features: WindowFeatures, prediction: Prediction) -> list[str]:

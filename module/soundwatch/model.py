@@ -92,6 +92,13 @@ class Prediction:
     cannot read (too little usable audio, clipped) or one unlike every
     window of its training world. :attr:`distribution` spreads the model's
     probabilities over what is left, with ``unknown`` as one more class.
+
+    ``thresholds`` (one per model class, 0 for ``normal``) are the bundle's
+    on-thresholds: the probability a fault needs before the label names it,
+    the same a streaming window needs to vote for it. A fault that leads
+    below its threshold is labelled ``unknown``: the model leans that way but
+    is not sure enough to say so, and a clip verdict should say what a
+    stream would.
     """
 
     class_names: tuple[str, ...]
@@ -99,6 +106,7 @@ class Prediction:
     unknown: float = 0.0
     reason: str | None = None
     typical_distance: float | None = None
+    thresholds: tuple[float, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -113,9 +121,24 @@ class Prediction:
 
     @property
     def label(self) -> str:
-        """The most probable of :attr:`names`."""
+        """The most probable of :attr:`names`, or ``unknown`` for a fault below its threshold."""
         d = self.distribution
-        return self.names[max(range(len(d)), key=d.__getitem__)]
+        best = max(range(len(d)), key=d.__getitem__)
+        if best < len(self.thresholds) and d[best] < self.thresholds[best]:
+            return UNKNOWN
+        return self.names[best]
+
+    @property
+    def unsure(self) -> str | None:
+        """Why a leading fault is not named (``None`` if it is, or none leads)."""
+        d = self.distribution
+        best = max(range(len(d)), key=d.__getitem__)
+        if best < len(self.thresholds) and d[best] < self.thresholds[best]:
+            return (
+                f"{self.class_names[best]} leads at {d[best]:.2f}, "
+                f"below the {self.thresholds[best]:.2f} it needs"
+            )
+        return None
 
 
 class Classifier:
@@ -184,6 +207,7 @@ class Classifier:
         self._in_q, self._physics_q = _quant_of(mfcc_in), _quant_of(physics_in)
         self._out_q = _quant_of(out)
         self._lock = threading.Lock()
+        self._thresholds = tuple(bundle.thresholds.get(n, 0.0) for n in bundle.class_names)
         self._mean = bundle.input_mean
         self._inv_std = None if bundle.input_std is None else (1.0 / bundle.input_std)
         assert bundle.physics_mean is not None and bundle.physics_std is not None
@@ -272,4 +296,5 @@ class Classifier:
             unknown=unknown,
             reason=problem,
             typical_distance=None if distance is None else round(distance, 3),
+            thresholds=self._thresholds,
         )

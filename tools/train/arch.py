@@ -64,7 +64,10 @@ BN_MOMENTUM = 0.9
 
 #: The standardised physics vector is clipped to ±this (its int8 range).
 PHYSICS_LIMIT = 6.0
-PHYSICS_UNITS = (48, 24)
+#: Each standardised physics value is read through ramps rising over
+#: consecutive stretches of this grid (see :func:`_physics_logits`).
+PHYSICS_RAMP_EDGES = (-2.5, 2.5)
+PHYSICS_RAMPS = 8
 
 
 def build_model(
@@ -77,8 +80,8 @@ def build_model(
     """An uncompiled Keras model taking ``mfcc`` ``(n_mfcc, n_frames, 1)`` and ``physics``
     ``(n_physics,)``.
 
-    The two inputs meet as added logits: the MFCC network's, and those of a
-    small dense network on the physics vector (the fan's own lines and
+    The two inputs meet as added logits: the MFCC network's, and those of an
+    additive model of bounded ramps on the physics vector (the fan's own lines and
     modulations, :mod:`soundwatch.physics`). ``input_limit`` fixes the int8
     range of the MFCC input (``None``: no fake quantisation, on either input).
     """
@@ -97,13 +100,48 @@ def build_model(
 
 
 def _physics_logits(physics: Any, n_classes: int, input_limit: float | None) -> Any:
+    """Logits of the physics vector: an additive model of bounded ramps.
+
+    Each standardised value goes through :data:`PHYSICS_RAMPS` ramps, each
+    rising from 0 to 1 over one stretch of a fixed grid, and the logits are a
+    linear function of all ramps: every value gets its own learned,
+    piecewise-linear, *flat beyond the grid* response. Measured on renderings
+    the training never saw (independent simulators), a dense ReLU network on
+    the same vector fits the training world better and generalises worse: it
+    extrapolates linearly when a value leaves the range it was trained on,
+    and a new room or microphone moves several values at once. Bounded ramps
+    cannot: a value far outside the grid counts as much as its edge.
+    """
     from keras import layers
 
     h = physics if input_limit is None else fake_quant(PHYSICS_LIMIT, "physics_int8")(physics)
-    for i, units in enumerate(PHYSICS_UNITS):
-        h = layers.Dense(units, activation="relu", name=f"physics_dense{i + 1}")(h)
-        h = layers.Dropout(0.2, name=f"physics_dropout{i + 1}")(h)
+    n = int(physics.shape[-1])
+    # The ramps are a fixed dense layer with a fused ReLU6 (each output reads
+    # one value): int8 then quantises them on [0, 6], 255 steps per ramp. Written
+    # as clip((x - start) / width, 0, 1), the tensor before the clip spans
+    # the whole grid and left about 10 steps per ramp.
+    ramps = layers.Dense(
+        n * PHYSICS_RAMPS, activation="relu6", trainable=False, name="physics_ramps"
+    )
+    h = ramps(h)
+    ramps.set_weights(_ramp_weights(n))
+    h = layers.Dropout(0.1, name="physics_dropout")(h)
     return layers.Dense(n_classes, name="physics_logits")(h)
+
+
+def _ramp_weights(n: int) -> list[Any]:
+    """Kernel and bias of the ramp layer: output ``i * k + j`` is ``6 * ramp_j(x_i)``."""
+    import numpy as np
+
+    lo, hi = PHYSICS_RAMP_EDGES
+    width = (hi - lo) / PHYSICS_RAMPS
+    kernel = np.zeros((n, n * PHYSICS_RAMPS), dtype=np.float32)
+    bias = np.zeros(n * PHYSICS_RAMPS, dtype=np.float32)
+    for i in range(n):
+        for j in range(PHYSICS_RAMPS):
+            kernel[i, i * PHYSICS_RAMPS + j] = 6.0 / width
+            bias[i * PHYSICS_RAMPS + j] = -6.0 * (lo + j * width) / width
+    return [kernel, bias]
 
 
 _LAYERS: dict[str, Any] = {}

@@ -77,10 +77,8 @@ def applies(model: Any) -> bool:
 
 PHYSICS_PATH = (
     "physics_int8",
-    "physics_dense1",
-    "physics_dropout1",
-    "physics_dense2",
-    "physics_dropout2",
+    "physics_ramps",
+    "physics_dropout",
     "physics_logits",
 )
 
