@@ -400,28 +400,36 @@ def level_steps(log_mel: F64) -> list[tuple[int, float]]:
     first, last = 2, n - 2
     if last - first < 20:
         return []
-    work = log_mel[first:last].copy()
-    m = work.shape[0]
-    loud = work.mean(axis=0) > work.mean(axis=0).max() - 50.0
+    window = log_mel[first:last]
+    m = window.shape[0]
+    band_mean = window.mean(axis=0)
+    loud = band_mean > band_mean.max() - 50.0
+    # Only the loud bands enter any measure below (a copy: steps are taken out of it).
+    work = window[:, loud]
+    # At least 15 frames (0.35 s) either side: a step is told by what lasts.
+    t = np.arange(15, m - 15)
     steps: list[tuple[int, float]] = []
     for _ in range(MAX_LEVEL_STEPS):
-        c = np.concatenate([np.zeros((1, work.shape[1])), np.cumsum(work, axis=0)])
-        # At least 15 frames (0.35 s) either side: a step is told by what lasts.
-        t = np.arange(15, m - 15)
-        before = (c[t - 2] - c[t - 5]) / 3.0
-        after = (c[t + 5] - c[t + 2]) / 3.0
-        band_jumps = (after - before)[:, loud]
-        jumps = band_jumps.mean(axis=1)
-        spread = band_jumps.std(axis=1)
+        level = work.mean(axis=1)
+        # The loud bands' mean jump (three frames after minus three before,
+        # two either side left out) is the jump of their mean level: one
+        # prefix sum over frames instead of one per band.
+        c = np.empty(m + 1)
+        c[0] = 0.0
+        np.cumsum(level, out=c[1:])
+        jumps = ((c[20 : m - 10] - c[17 : m - 13]) - (c[13 : m - 17] - c[10 : m - 20])) / 3.0
         k = int(np.argmax(np.abs(jumps)))
         jump, at = float(jumps[k]), int(t[k])
+        if abs(jump) < LEVEL_STEP_MIN_DB:
+            break
+        # Each band's jump, for their spread: sums of three frames.
+        threes = work[:-2] + work[1:-1] + work[2:]
+        spread = ((threes[17 : m - 13] - threes[10 : m - 20]) / 3.0).std(axis=1)
         # A gain change stays: everything after differs from everything before
         # by about the jump, where an event's level comes back down.
-        level = work[:, loud].mean(axis=1)
         lasting = float(level[at + 2 :].mean() - level[: at - 2].mean())
         if (
-            abs(jump) < LEVEL_STEP_MIN_DB
-            or spread[k] > LEVEL_STEP_SPREAD * float(np.median(spread))
+            spread[k] > LEVEL_STEP_SPREAD * float(np.median(spread))
             or abs(jump) < 4.0 * float(np.median(np.abs(jumps)))
             or lasting * jump <= 0
             or abs(lasting) < 0.6 * abs(jump)
