@@ -74,6 +74,40 @@ def test_block_size_does_not_change_features(fx: FeatureExtractor) -> None:
         np.testing.assert_array_equal(physics, runs[0][1])
 
 
+def _fan_with_faults(seconds: float, seed: int = 5) -> np.ndarray:
+    """A steady tonal sound with a gain step (+8 dB at 6.3 s) and a dropout (11.0-11.6 s)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    y = 0.02 * rng.standard_normal(n)
+    for k, a in enumerate((0.1, 0.06, 0.03), start=1):
+        y += a * np.sin(2 * np.pi * 152.0 * k * t + k)
+    y[int(6.3 * SR) :] *= 2.5
+    y[int(11.0 * SR) : int(11.6 * SR)] = 0.0
+    return y.astype(np.float32)
+
+
+def test_windows_with_steps_and_dropouts_equal_offline_clip_features(fx: FeatureExtractor) -> None:
+    # The streaming path builds a window from its frame rings and a separate
+    # STFT of the edge frames; the level-step and dead-frame repairs must see
+    # the same frames as a whole-clip analysis of the window's samples.
+    y = _fan_with_faults(16.5)
+    sf = StreamingFeatures(fx, hop_frames=43)
+    windows = _feed(sf, y, 5000)
+    assert len(windows) == 7
+    assert any(w.features.quality.level_steps_db for w in windows)
+    assert any(w.features.quality.dead_frames for w in windows)
+    for w in windows:
+        offline = fx.analyse(y[w.start_sample : w.end_sample])
+        np.testing.assert_allclose(w.features.mfcc, offline.mfcc, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(w.features.physics, offline.physics, rtol=0, atol=1e-3)
+        np.testing.assert_allclose(w.features.signature.low, offline.signature.low, atol=1e-3)
+        np.testing.assert_allclose(
+            w.features.signature.modulation, offline.signature.modulation, atol=1e-3
+        )
+        assert w.features.quality == offline.quality
+
+
 def test_hop_is_whole_frames() -> None:
     assert hop_frames_for(1.0, SR, 512) == 43  # 0.998 s
     assert hop_frames_for(10.0, SR, 512) == 431  # non-overlapping, as the reference service

@@ -181,6 +181,35 @@ class FeatureExtractor:
                 np.zeros((0, low_bins), dtype=np.complex64),
             )
         frames = np.lib.stride_tricks.sliding_window_view(padded, spec.n_fft)[:: spec.hop_length]
+        return self._spectra(frames, low_bins)
+
+    def edge_log_mel(self, samples: npt.NDArray[np.floating[Any]]) -> F64:
+        """dB mel frames of a window's edge frames (those whose STFT reaches into the
+        zero padding), first the left ones, then the right ones.
+
+        Equal to the same rows of :meth:`log_mel` of the padded window, from
+        only the samples those frames see: one small STFT instead of a padded
+        copy of the whole window.
+        """
+        spec = self.spec
+        n = samples.shape[0]
+        n_frames = spec.n_stft_frames(n)
+        interior = self.interior(n_frames)
+        edges = [*range(interior.start), *range(max(interior.stop, interior.start), n_frames)]
+        half = spec.n_fft // 2 if spec.center else 0
+        frames = np.zeros((len(edges), spec.n_fft), dtype=np.float64)
+        for row, j in enumerate(edges):
+            start = j * spec.hop_length - half
+            lo, hi = max(start, 0), min(start + spec.n_fft, n)
+            if hi > lo:
+                frames[row, lo - start : hi - start] = samples[lo:hi]
+        return self._spectra(frames, 0)[0]
+
+    def _spectra(
+        self, frames: npt.NDArray[np.floating[Any]], low_bins: int
+    ) -> tuple[F64, npt.NDArray[np.complex64]]:
+        """:meth:`frames` of frames already cut, ``(frames, n_fft)``."""
+        spec = self.spec
         out = np.empty((frames.shape[0], spec.n_mels), dtype=np.float64)
         low = np.empty((frames.shape[0], low_bins), dtype=np.complex64)
         # Blocks of frames keep the working set in cache; that is ~30 % faster
@@ -288,9 +317,10 @@ class FeatureExtractor:
             self._physics[low_interior.shape[0]] = physics
         signature = physics.signature(low_interior, repaired)
         frame_s = self.spec.hop_length / self.spec.sample_rate_hz
-        clipped = float(np.count_nonzero(np.abs(samples) >= CLIPPED_LEVEL)) / max(
-            1, samples.shape[0]
-        )
+        clipped = 0.0
+        # Two reductions tell most windows have no clipped sample without an |x| copy.
+        if samples.size and max(float(samples.max()), -float(samples.min())) >= CLIPPED_LEVEL:
+            clipped = float(np.count_nonzero(np.abs(samples) >= CLIPPED_LEVEL)) / samples.shape[0]
         quality = Quality(
             valid_s=round((log_mel.shape[0] - n_dead) * frame_s, 3),
             dead_frames=n_dead,
@@ -400,28 +430,36 @@ def level_steps(log_mel: F64) -> list[tuple[int, float]]:
     first, last = 2, n - 2
     if last - first < 20:
         return []
-    work = log_mel[first:last].copy()
-    m = work.shape[0]
-    loud = work.mean(axis=0) > work.mean(axis=0).max() - 50.0
+    window = log_mel[first:last]
+    m = window.shape[0]
+    band_mean = window.mean(axis=0)
+    loud = band_mean > band_mean.max() - 50.0
+    # Only the loud bands enter any measure below (a copy: steps are taken out of it).
+    work = window[:, loud]
+    # At least 15 frames (0.35 s) either side: a step is told by what lasts.
+    t = np.arange(15, m - 15)
     steps: list[tuple[int, float]] = []
     for _ in range(MAX_LEVEL_STEPS):
-        c = np.concatenate([np.zeros((1, work.shape[1])), np.cumsum(work, axis=0)])
-        # At least 15 frames (0.35 s) either side: a step is told by what lasts.
-        t = np.arange(15, m - 15)
-        before = (c[t - 2] - c[t - 5]) / 3.0
-        after = (c[t + 5] - c[t + 2]) / 3.0
-        band_jumps = (after - before)[:, loud]
-        jumps = band_jumps.mean(axis=1)
-        spread = band_jumps.std(axis=1)
+        level = work.mean(axis=1)
+        # The loud bands' mean jump (three frames after minus three before,
+        # two either side left out) is the jump of their mean level: one
+        # prefix sum over frames instead of one per band.
+        c = np.empty(m + 1)
+        c[0] = 0.0
+        np.cumsum(level, out=c[1:])
+        jumps = ((c[20 : m - 10] - c[17 : m - 13]) - (c[13 : m - 17] - c[10 : m - 20])) / 3.0
         k = int(np.argmax(np.abs(jumps)))
         jump, at = float(jumps[k]), int(t[k])
+        if abs(jump) < LEVEL_STEP_MIN_DB:
+            break
+        # Each band's jump, for their spread: sums of three frames.
+        threes = work[:-2] + work[1:-1] + work[2:]
+        spread = ((threes[17 : m - 13] - threes[10 : m - 20]) / 3.0).std(axis=1)
         # A gain change stays: everything after differs from everything before
         # by about the jump, where an event's level comes back down.
-        level = work[:, loud].mean(axis=1)
         lasting = float(level[at + 2 :].mean() - level[: at - 2].mean())
         if (
-            abs(jump) < LEVEL_STEP_MIN_DB
-            or spread[k] > LEVEL_STEP_SPREAD * float(np.median(spread))
+            spread[k] > LEVEL_STEP_SPREAD * float(np.median(spread))
             or abs(jump) < 4.0 * float(np.median(np.abs(jumps)))
             or lasting * jump <= 0
             or abs(lasting) < 0.6 * abs(jump)

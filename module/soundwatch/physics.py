@@ -172,6 +172,37 @@ class PhysicsExtractor:
         self._smooth_hi = np.minimum(i + half_smooth + 1, n_fine)
         self._floor_lo = np.maximum(i - self._floor_bins, 0)
         self._floor_hi = np.minimum(i + self._floor_bins + 1, n_fine)
+        self._smooth_width = (self._smooth_hi - self._smooth_lo).astype(np.float64)
+        self._floor_width = (self._floor_hi - self._floor_lo).astype(np.float64)
+        self.n_fine = n_fine
+        # The coarse comb search looks at the same lines in every window: its
+        # weights and bin ranges are fixed per extractor.
+        comb_hz = BLADES * np.arange(1.0, 5.0)[:, None] * self._candidates[None, :]
+        self._coarse_shape = comb_hz.shape
+        self._coarse_weight = np.where(
+            comb_hz + _tol(comb_hz).reshape(comb_hz.shape) < self._top_hz,
+            _COMB_WEIGHTS[:, None],
+            0.0,
+        )
+        self._coarse_weight_sum = np.maximum(self._coarse_weight.sum(axis=0), 1e-9)
+        self._coarse_lo, self._coarse_hi = self.bin_range(comb_hz.reshape(-1), None)
+        self._demod_t = np.ascontiguousarray(self._demod.T)
+        self._envelope_grids: dict[int, _EnvelopeGrid] = {}
+
+    def bin_range(
+        self, f: F64 | float, tol: F64 | None
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        """Fine bins ``[lo, hi)`` within ``f ± tol`` (±1 % by default), at least one each."""
+        centre = np.atleast_1d(np.asarray(f, dtype=np.float64))
+        tol = _tol(centre) if tol is None else tol
+        n = self.n_fine
+        lo = np.clip(np.floor((centre - tol) / self.fine_hz) + self._offset, 0, n - 1).astype(
+            np.intp
+        )
+        hi = np.clip(np.ceil((centre + tol) / self.fine_hz) + self._offset + 1, 1, n).astype(
+            np.intp
+        )
+        return lo, np.maximum(hi, lo + 1)
 
     # -- the fine spectrum --------------------------------------------------
 
@@ -180,11 +211,17 @@ class PhysicsExtractor:
         if low.shape != (self.n_frames, LOW_BINS):
             raise ValueError(f"expected STFT bins {(self.n_frames, LOW_BINS)}, got {low.shape}")
         h = self._half_frames
-        halves = np.stack([low[:h], low[h : 2 * h]]) * self._demod
-        zoom = np.fft.fft(halves, n=self.n_zoom, axis=1)[:, self._rows]  # (2, per_bin, bins)
-        power = (zoom.real.astype(np.float64) ** 2 + zoom.imag.astype(np.float64) ** 2).mean(axis=0)
-        power *= self._slice_gain[:, None]
-        out: F64 = power.T.reshape(-1)
+        # Bins along the last axis: each bin's transform is then contiguous.
+        halves = low[: 2 * h].reshape(2, h, LOW_BINS).transpose(0, 2, 1) * self._demod_t
+        # The zoom FFT runs in double precision: numpy's complex64 FFT is several
+        # times slower than its complex128 one here, and the precision is free.
+        padded = np.zeros((2, LOW_BINS, self.n_zoom), dtype=np.complex128)
+        padded[:, :, :h] = halves
+        zoom = np.fft.fft(padded, axis=2)[:, :, self._rows]  # (2, bins, per_bin)
+        power = zoom.real**2 + zoom.imag**2
+        power = (power[0] + power[1]) / 2.0
+        power *= self._slice_gain[None, :]
+        out: F64 = power.reshape(-1)
         return out
 
     # -- the signature ------------------------------------------------------
@@ -215,7 +252,7 @@ class PhysicsExtractor:
         harmonics too; it is replaced by twice itself when its odd
         harmonics are not there.
         """
-        best = float(self._candidates[int(np.argmax(self._score(lines, self._candidates)))])
+        best = float(self._candidates[int(np.argmax(self._coarse_score(lines)))])
         shaft = self._refine(lines, best)
         if 2 * shaft <= SHAFT_RANGE_HZ[1]:
             heights = lines.line_db(BLADES * shaft * np.arange(1.0, 5.0), comb=True)
@@ -230,6 +267,15 @@ class PhysicsExtractor:
         # The coarse search matches within ±1 %: look that far either side.
         fine = np.arange(around * 0.985, around * 1.015, 0.0025)
         return float(fine[int(np.argmax(self._score(lines, fine, exact=True)))])
+
+    def _coarse_score(self, lines: _Lines) -> F64:
+        """:meth:`_score` of every coarse candidate, from the ranges fixed at construction."""
+        peak = lines.comb_range_max(self._coarse_lo, self._coarse_hi)
+        heights = np.minimum(
+            (10.0 * np.log10(np.maximum(peak, 1e-3))).reshape(self._coarse_shape), 10.0
+        )
+        out: F64 = (self._coarse_weight * heights).sum(axis=0) / self._coarse_weight_sum
+        return out
 
     def _score(self, lines: _Lines, shaft: F64, exact: bool = False) -> F64:
         """How well a blade-pass comb at each candidate shaft rate fits (dB, weighted mean).
@@ -259,12 +305,11 @@ class PhysicsExtractor:
         n_locked = 4 + sides.size
         tol = np.concatenate([_tol(f[:n_locked]), np.full(hum.size, 0.3)])
         height = lines.line_db(f, tol)
-        excess = np.array([_db(float(e)) for e in lines.excess(f, tol)])
+        # excess() is never below 1e-30, so this is _db() of each line.
+        excess = 10.0 * np.log10(lines.excess(f, tol))
         side_heights = height[4:n_locked].reshape(3, 2).max(axis=1)
-        side_re = [
-            _db(10 ** (excess[4 + 2 * k] / 10) + 10 ** (excess[5 + 2 * k] / 10)) - excess[1 + k]
-            for k in range(3)
-        ]
+        side_power = (10.0 ** (excess[4:n_locked] / 10.0)).reshape(3, 2).sum(axis=1)
+        side_re = 10.0 * np.log10(np.maximum(side_power, 1e-30)) - excess[1:4]
         locked = np.concatenate(
             [
                 [shaft],
@@ -279,11 +324,13 @@ class PhysicsExtractor:
             "sideband_db": float(np.mean(side_heights)),
             "sideband_re_bpf_db": float(np.clip(np.mean(side_re), -60.0, 30.0)),
         }
-        for h, fh in enumerate(hum, start=1):
-            clash = bool(np.any(np.abs(fh - locked) < np.maximum(1.5, 0.01 * locked)))
-            out[f"hum{h}_db"] = (
-                0.0 if clash else float(np.clip(height[n_locked + h - 1], 0.0, 50.0))
-            )
+        clash = np.any(
+            np.abs(hum[:, None] - locked[None, :]) < np.maximum(1.5, 0.01 * locked)[None, :],
+            axis=1,
+        )
+        hum_db = np.where(clash, 0.0, np.clip(height[n_locked:], 0.0, 50.0))
+        for h in range(HUM_HARMONICS):
+            out[f"hum{h + 1}_db"] = float(hum_db[h])
         hum_excess = excess[n_locked:]
         out["hum2_re_hum1_db"] = float(np.clip(hum_excess[1] - hum_excess[0], -40.0, 40.0))
         out["hum3_re_hum1_db"] = float(np.clip(hum_excess[2] - hum_excess[0], -40.0, 40.0))
@@ -319,31 +366,27 @@ class PhysicsExtractor:
         so it may appear mirrored) leaves roughly a sixth of the modulation:
         too little for the MFCCs, but a clear line over 10 s.
         """
-        n = log_mel.shape[0]
-        groups = log_mel.reshape(n, ENVELOPE_GROUPS, -1).mean(axis=2)
+        grid = self._envelope_grid(log_mel.shape[0])
+        groups = _group_means(log_mel, ENVELOPE_GROUPS)
         envelope = groups - groups.mean(axis=0)
-        window = np.hanning(n)[:, None]
-        size = 1 << (n - 1).bit_length()
-        spectrum = np.abs(np.fft.rfft(envelope * window, n=size, axis=0)) * (2.0 / window.sum())
-        freqs = np.fft.rfftfreq(size, 1.0 / self.frame_rate_hz)
-        band = (freqs >= SURGE_HZ[0]) & (freqs <= SURGE_HZ[1])
-        other = (freqs > 3.0) & (freqs <= 10.0)
-        peaks = spectrum[band].max(axis=0)
+        spectrum = np.abs(np.fft.rfft(envelope * grid.window, n=grid.size, axis=0)) * grid.gain
+        freqs = grid.freqs
+        in_band = spectrum[grid.band]
+        peaks = in_band.max(axis=0)
         depth_db = _ranked(peaks)
-        ref_db = _ranked(np.sqrt(np.mean(spectrum[other] ** 2, axis=0)))
+        ref_db = _ranked(np.sqrt(np.mean(spectrum[grid.other] ** 2, axis=0)))
         # A surge is one steady rate: a line among its neighbours, where a
         # level that wanders or flutters spreads over the whole band.
-        spread = np.sqrt(np.mean(spectrum[band] ** 2, axis=0))
+        spread = np.sqrt(np.mean(in_band**2, axis=0))
         peakiness = _ranked(peaks / np.maximum(spread, 1e-12))
         nyquist = self.frame_rate_hz / 2
         alias = shaft_hz if shaft_hz <= nyquist else self.frame_rate_hz - shaft_hz
         near = np.abs(freqs - alias) <= max(0.15, 0.01 * shaft_hz)
-        around = (np.abs(freqs - alias) > 0.6) & (freqs >= 5.0) & (freqs < nyquist - 0.2)
+        around = (np.abs(freqs - alias) > 0.6) & grid.above_5hz
         floors = np.sqrt(np.mean(spectrum[around] ** 2, axis=0))
         lines = spectrum[near].max(axis=0) if near.any() else np.zeros(floors.size)
         am = _ranked(lines / np.maximum(floors, 1e-9))
-        edges = np.searchsorted(freqs, MODULATION_EDGES_HZ)
-        per_band = np.add.reduceat(spectrum, edges, axis=0)[:-1] / np.diff(edges)[:, None]
+        per_band = np.add.reduceat(spectrum, grid.edges, axis=0)[:-1] / grid.edge_widths
         modulation = (20.0 * np.log10(np.median(per_band, axis=1) + 1e-9)).astype(np.float32)
         return {
             # Amplitude modulation of depth d moves the level by ±8.7·d dB.
@@ -352,6 +395,47 @@ class PhysicsExtractor:
             "surge_peak_db": float(np.clip(_db20(peakiness), 0.0, 30.0)),
             "am_shaft_db": float(np.clip(_db20(am), -20.0, 40.0)),
         }, modulation
+
+    def _envelope_grid(self, n_frames: int) -> _EnvelopeGrid:
+        grid = self._envelope_grids.get(n_frames)
+        if grid is None:
+            grid = _EnvelopeGrid.make(n_frames, self.frame_rate_hz)
+            self._envelope_grids[n_frames] = grid
+        return grid
+
+
+@dataclass(frozen=True)
+class _EnvelopeGrid:
+    """What the level-envelope spectrum of ``n`` frames needs that does not depend on
+    the audio: its window, transform size, frequencies and bands."""
+
+    window: F64
+    gain: float
+    size: int
+    freqs: F64
+    band: slice
+    other: slice
+    above_5hz: npt.NDArray[np.bool_]
+    edges: npt.NDArray[np.intp]
+    edge_widths: npt.NDArray[np.intp]
+
+    @classmethod
+    def make(cls, n: int, frame_rate_hz: float) -> _EnvelopeGrid:
+        window = np.hanning(n)[:, None]
+        size = 1 << (n - 1).bit_length()
+        freqs: F64 = np.asarray(np.fft.rfftfreq(size, 1.0 / frame_rate_hz), dtype=np.float64)
+        edges = np.searchsorted(freqs, MODULATION_EDGES_HZ)
+        return cls(
+            window=window,
+            gain=2.0 / window.sum(),
+            size=size,
+            freqs=freqs,
+            band=_span((freqs >= SURGE_HZ[0]) & (freqs <= SURGE_HZ[1])),
+            other=_span((freqs > 3.0) & (freqs <= 10.0)),
+            above_5hz=(freqs >= 5.0) & (freqs < frame_rate_hz / 2 - 0.2),
+            edges=edges,
+            edge_widths=np.diff(edges)[:, None],
+        )
 
 
 class _Lines:
@@ -366,30 +450,38 @@ class _Lines:
     def __init__(self, power: F64, px: PhysicsExtractor) -> None:
         self._px = px
         level = 10.0 * np.log10(power + 1e-30)
-        lo, hi = px._floor_lo, px._floor_hi
-        floor_db = _window_mean(level, lo, hi)
-        floor_db = _window_mean(np.minimum(level, floor_db + 3.0), lo, hi)
+        lo, hi, width = px._floor_lo, px._floor_hi, px._floor_width
+        floor_db = _window_mean(level, lo, hi, width)
+        floor_db = _window_mean(np.minimum(level, floor_db + 3.0), lo, hi, width)
         # The mean of log-power of noise sits 2.5 dB below its mean power.
         floor = 10.0 ** ((floor_db + 2.507) / 10.0)
-        self._cp = np.concatenate([[0.0], np.cumsum(power)])
-        self._cf = np.concatenate([[0.0], np.cumsum(floor)])
-        comb_power = np.where(px._hum_core, floor, power)
-        cc = np.concatenate([[0.0], np.cumsum(comb_power)])
+        self._cp = _prefix_sums(power)
+        self._cf = _prefix_sums(floor)
+        cc = _prefix_sums(np.where(px._hum_core, floor, power))
         lo, hi = px._smooth_lo, px._smooth_hi
-        width_floor = (hi - lo) * floor
+        width_floor = px._smooth_width * floor
         self._smooth = (self._cp[hi] - self._cp[lo]) / width_floor
         self._smooth_comb = (cc[hi] - cc[lo]) / width_floor
 
     def _range(
         self, f: F64 | float, tol: F64 | None
     ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-        centre = np.atleast_1d(np.asarray(f, dtype=np.float64))
-        tol = _tol(centre) if tol is None else tol
-        n = self._smooth.size
-        fine, offset = self._px.fine_hz, self._px._offset
-        lo = np.clip(np.floor((centre - tol) / fine) + offset, 0, n - 1).astype(np.intp)
-        hi = np.clip(np.ceil((centre + tol) / fine) + offset + 1, 1, n).astype(np.intp)
-        return lo, np.maximum(hi, lo + 1)
+        return self._px.bin_range(f, tol)
+
+    def comb_range_max(self, lo: npt.NDArray[np.intp], hi: npt.NDArray[np.intp]) -> F64:
+        """The maximum of the comb's smoothed power over each ``[lo, hi)``.
+
+        For many ranges (the coarse search has ~2000) a table of maxima over
+        power-of-two spans answers each with two look-ups, where reduceat
+        walks every bin of every range.
+        """
+        width = hi - lo
+        level = np.frexp(width.astype(np.float64))[1] - 1  # 2**level <= width < 2**(level+1)
+        table = _max_table(self._smooth_comb, int(level.max()) + 1)
+        flat = table.reshape(-1)
+        n = self._smooth_comb.size
+        out: F64 = np.maximum(flat[level * n + lo], flat[level * n + hi - (1 << level)])
+        return out
 
     def line_db(self, f: F64 | float, tol: F64 | None = None, comb: bool = False) -> F64:
         values = self._smooth_comb if comb else self._smooth
@@ -458,8 +550,55 @@ def _fast_multiple_of_4(n: int) -> int:
         m += 4
 
 
-def _window_mean(x: F64, lo: npt.NDArray[np.intp], hi: npt.NDArray[np.intp]) -> F64:
-    """Mean of ``x[lo[i]:hi[i]]`` for every ``i``, by prefix sums."""
-    c = np.concatenate([[0.0], np.cumsum(x)])
-    out: F64 = (c[hi] - c[lo]) / (hi - lo)
+def _window_mean(x: F64, lo: npt.NDArray[np.intp], hi: npt.NDArray[np.intp], width: F64) -> F64:
+    """Mean of ``x[lo[i]:hi[i]]`` for every ``i`` (``width = hi - lo``), by prefix sums."""
+    c = _prefix_sums(x)
+    out: F64 = (c[hi] - c[lo]) / width
     return out
+
+
+def _prefix_sums(x: F64) -> F64:
+    """``[0, x0, x0 + x1, ...]``: the sum of ``x[a:b]`` is ``c[b] - c[a]``."""
+    c = np.empty(x.size + 1, dtype=np.float64)
+    c[0] = 0.0
+    np.cumsum(x, out=c[1:])
+    return c
+
+
+def _max_table(values: F64, levels: int) -> F64:
+    """Row ``j`` holds ``values[i : i + 2**j].max()`` at ``i`` (where the span fits)."""
+    n = values.size
+    table = np.empty((levels, n), dtype=np.float64)
+    table[0] = values
+    for j in range(1, levels):
+        step = 1 << (j - 1)
+        np.maximum(table[j - 1, : n - step], table[j - 1, step:], out=table[j, : n - step])
+        table[j, n - step :] = table[j - 1, n - step :]  # spans past the end: never asked for
+    return table
+
+
+def _span(mask: npt.NDArray[np.bool_]) -> slice:
+    """The one run of True in ``mask`` as a slice (frequencies ascend, so bands are runs)."""
+    where = np.flatnonzero(mask)
+    if where.size == 0:
+        return slice(0, 0)
+    if where[-1] - where[0] + 1 != where.size:
+        raise ValueError("band is not contiguous")
+    return slice(int(where[0]), int(where[-1]) + 1)
+
+
+def _group_means(x: F64, groups: int) -> F64:
+    """``x.reshape(rows, groups, -1).mean(axis=2)``, bit for bit, faster for 8 per group.
+
+    numpy reduces a short inner axis slowly; for 8 values its pairwise sum is
+    ((a0+a1)+(a2+a3))+((a4+a5)+(a6+a7)), written out here as three adds of
+    strided views.
+    """
+    parts = x.reshape(x.shape[0], groups, -1)
+    if parts.shape[2] != 8:
+        out: F64 = parts.mean(axis=2)
+        return out
+    pairs = parts[..., 0::2] + parts[..., 1::2]
+    quads = pairs[..., 0::2] + pairs[..., 1::2]
+    means: F64 = (quads[..., 0] + quads[..., 1]) / 8.0
+    return means

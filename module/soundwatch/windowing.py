@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +34,8 @@ from soundwatch.physics import LOW_BINS
 from soundwatch.stream_types import AudioBlock, Level
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=np.generic)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class FeatureWindow:
 
 def window_level(samples: npt.NDArray[np.float32], silence_rms_dbfs: float) -> Level:
     """RMS and peak in dBFS, with clipping and silence flags."""
-    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    peak = max(float(samples.max()), -float(samples.min())) if samples.size else 0.0
     rms = math.sqrt(float(np.dot(samples, samples)) / samples.size) if samples.size else 0.0
     rms_db, peak_db = dbfs(rms), dbfs(peak)
     return Level(
@@ -214,16 +217,15 @@ class StreamingFeatures:
         start = k * self.hop_samples
         first_frame = k * self.hop_frames
         frames = np.empty((self.window_frames, self._ring.shape[1]), dtype=np.float64)
-        interior = np.arange(first_frame + self._left, first_frame + self._right + 1)
-        frames[self._left : self._right + 1] = self._ring[interior % self._ring.shape[0]]
+        frames[self._left : self._right + 1] = _ring_rows(
+            self._ring, first_frame + self._left, first_frame + self._right + 1
+        )
         samples = self._segment(start, start + self.window_samples)
         # Edge frames: as in a clip, the STFT sees zeros beyond the window.
-        padded = self._fx.pad_signal(samples)
-        hop = self._hop_len
-        frames[: self._left] = self._fx.log_mel(padded[: (self._left - 1) * hop + 2 * self._half])
-        tail = padded[(self._right + 1) * hop :]
-        frames[self._right + 1 :] = self._fx.log_mel(tail)[: self.window_frames - self._right - 1]
-        low = self._ring_low[interior % self._ring_low.shape[0]]
+        edges = self._fx.edge_log_mel(samples)
+        frames[: self._left] = edges[: self._left]
+        frames[self._right + 1 :] = edges[self._left :]
+        low = _ring_rows(self._ring_low, first_frame + self._left, first_frame + self._right + 1)
         features = self._fx.window_features(frames, low, samples)
         self._window_index += 1
         return FeatureWindow(
@@ -236,3 +238,15 @@ class StreamingFeatures:
             captured_at=self._captured_at,
             samples=samples,
         )
+
+
+def _ring_rows(ring: npt.NDArray[T], first: int, stop: int) -> npt.NDArray[T]:
+    """Rows ``first .. stop - 1`` of the stream, kept at ``row % len(ring)``, in order.
+
+    Two slices at most (where the ring wraps), not a gather of every row.
+    """
+    size = ring.shape[0]
+    lo, n = first % size, stop - first
+    if lo + n <= size:
+        return ring[lo : lo + n].copy()
+    return np.concatenate([ring[lo:], ring[: lo + n - size]])
