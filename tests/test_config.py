@@ -292,6 +292,7 @@ def _another(path: str, value: Any) -> Any:
         "decision.thresholds": {"imbalance": {"on": 0.8, "off": 0.6}},
         "window.window_s": 5.0,
         "window.silence_rms_dbfs": -60.0,
+        "baseline.during_learning.on": 0.95,  # half would fall below its `off`
     }
     if path in special:
         return special[path]
@@ -347,8 +348,18 @@ def test_every_key_is_live_or_refused_as_restart_only(path: str) -> None:
 
 
 def test_live_keys_are_exactly_these() -> None:
-    assert set(LIVE_KEYS) == {"log_level", "window.hop_s", "window.silence_rms_dbfs", "decision"}
+    baseline = {"learn_s", "false_alarm_rate", "confirm_k", "confirm_n", "off_ratio", "name_on"}
+    assert set(LIVE_KEYS) == {
+        "log_level",
+        "window.hop_s",
+        "window.silence_rms_dbfs",
+        "decision",
+        "baseline.during_learning",
+        *(f"baseline.{k}" for k in baseline),
+    }
     assert not is_live_key("window.window_s") and is_live_key("decision.thresholds.x.on")
+    # Turning the baseline on or off changes what the pipeline is: restart-only.
+    assert not is_live_key("baseline.enabled") and is_live_key("baseline.during_learning.on")
     # Restating start-up settings unchanged is no change (desired properties list them all).
     cfg = Config(device_id="dev")
     assert apply_patch(cfg, cfg.model_dump(mode="json")) == cfg
