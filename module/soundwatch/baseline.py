@@ -254,6 +254,22 @@ class Baseline:
         }
 
 
+def peek(path: Path) -> dict[str, Any]:
+    """A baseline file's description without loading it for a model (for people and tools).
+
+    Raises :class:`BaselineError` for a file that is not a baseline.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            doc: dict[str, Any] = json.loads(bytes(npz["meta"]).decode())
+            kept = int(npz["kept"].shape[0])
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise BaselineError(f"{path}: unreadable baseline ({e})") from e
+    if doc.get("format") != BASELINE_FORMAT:
+        raise BaselineError(f"{path}: format {doc.get('format')!r} is not {BASELINE_FORMAT!r}")
+    return {**doc, "kept": kept, "bytes": path.stat().st_size}
+
+
 def _center_scale(data: F64, layout: Layout) -> tuple[F64, F64]:
     center = np.median(data, axis=0)
     mad = 1.4826 * np.median(np.abs(data - center), axis=0)
