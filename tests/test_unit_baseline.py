@@ -235,8 +235,8 @@ def test_a_days_learning_keeps_a_bounded_evenly_spread_sample(tmp_path: Path) ->
     learner = Learner(LAYOUT, "fan@test")
     n = 86_400  # a day at a 1 s hop
     for i in range(n):
-        learner.add(np.full(LAYOUT.size, i, dtype=np.float32), 1.0)
-    kept = learner.kept[:, 0]
+        learner.add(np.full(LAYOUT.size, i / 100, dtype=np.float32), 1.0)
+    kept = np.round(learner.kept[:, 0] * 100)
     assert MAX_LEARN_WINDOWS // 2 <= kept.size <= MAX_LEARN_WINDOWS
     assert learner.accepted == n and learner.learned_s == n
     gaps = np.diff(kept)
@@ -246,7 +246,7 @@ def test_a_days_learning_keeps_a_bounded_evenly_spread_sample(tmp_path: Path) ->
     learner.save(path)
     assert path.stat().st_size < 1_000_000
     again = Learner.load(path, LAYOUT, "fan@test")
-    assert again.learned_s == n and np.array_equal(again.kept, learner.kept)
+    assert again.learned_s == n and np.allclose(again.kept, learner.kept, rtol=1e-3)
     assert again.stride == learner.stride
 
 

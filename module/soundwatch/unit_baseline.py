@@ -145,7 +145,11 @@ class Learner:
             "rejected": dict(self.rejected),
             "saved_at": round(time.time(), 3),
         }
-        _write_npz(path, meta=_meta(doc), kept=self.kept)
+        # float16 as in the baseline's own file (dB-sized values): a day's
+        # checkpoint is about 1 MB, written once a minute while learning.
+        finite = np.finfo(np.float16).max
+        kept = np.clip(self.kept, -finite, finite).astype(np.float16)
+        _write_npz(path, meta=_meta(doc), kept=kept)
 
     @classmethod
     def load(cls, path: Path, layout: Layout, model_version: str) -> Learner:
