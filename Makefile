@@ -15,7 +15,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 PIP_BOOTSTRAP := pip==25.2 setuptools==80.9.0 wheel==0.45.1
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: run test pytest bench day lint train arm64-check clean setup-run setup-test setup-train
+.PHONY: run test pytest bench day faults lint train arm64-check clean setup-run setup-test setup-train
 
 run: setup-run
 	$(BIN)/soundwatch run --config config/demo.yaml
@@ -57,6 +57,12 @@ day: setup-run
 		--unit $(DAY_UNIT) --snr $(DAY_SNR) --seed $(DAY_SEED) --events-per-min 1.5 \
 		--schedule "$(DAY_SCHEDULE)"
 	$(BIN)/python tools/score_recording.py --learn-s 600 $(DAY_WAV)
+
+# Broker outage, kill -9, flapping, frozen broker, full state disk, command flood
+# against a real `soundwatch run` and mosquitto; one table (docs/faults.md). About
+# 4 minutes, so not part of `make test`. Mounting the small disk needs root.
+faults: setup-test
+	$(BIN)/python -m tools.faults
 
 train: setup-train
 	# Renders the simulated world into build/sim (once), then every stage (docs/model.md).

@@ -22,11 +22,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the held-out re-render as slow.
 
     Every test that uses the ``held_out`` fixture (tests/test_model_quant.py)
-    needs the held-out unit's 600 clips rendered again by the fan simulator and
-    classified by both models: about 120 s on an idle 2-core x86_64 machine and
-    about 190 s under load, most of the suite's time. ``-m "not slow"`` leaves it
-    out for a quick run; ``make test`` runs it. (Marked here rather than in that
-    file, which is being rewritten with the simulator.)
+    needs the held-out units' 600 clips rendered again by the simulator and
+    classified by both models: about 2 minutes on an idle 2-core x86_64
+    machine, most of the suite's time. ``-m "not slow"`` leaves it out for a
+    quick run; ``make test`` runs it.
     """
     for item in items:
         if "held_out" in getattr(item, "fixturenames", ()):

@@ -222,6 +222,12 @@ class Mosquitto:
         assert self._proc is not None
         self._proc.send_signal(signal.SIGSTOP)
 
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`: the broker reads what waited in its sockets."""
+        if self.running:
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL: a crash; what was not yet saved (autosave every second) is lost."""
         if self._proc is None:

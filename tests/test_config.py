@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +274,8 @@ def test_settings_that_would_make_detection_impossible_are_refused(
 def test_hop_may_not_exceed_the_window(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"hop_s \(20.0\) must not exceed window_s \(10.0\)"):
         load_config(_write(tmp_path, "window:\n  hop_s: 20\n"), env={})
-    # The reference service's non-overlapping windows are fine: hop 10 s rounds to 10.008 s of frames.
+    # The reference service's non-overlapping windows are fine: hop 10 s rounds to
+    # 10.008 s of frames.
     load_config(_write(tmp_path, "window:\n  hop_s: 10\ndecision:\n  confirm_n: 60\n"), env={})
 
 
@@ -301,7 +303,7 @@ def _another(path: str, value: Any) -> Any:
     if isinstance(value, int):
         return value + 1
     if isinstance(value, float):
-        return value / 2
+        return value / 2 if value else 1.0  # a different value, also for 0.0
     assert isinstance(value, str), (path, value)
     return value + "-2"
 
@@ -365,3 +367,77 @@ def test_live_keys_are_exactly_these() -> None:
     assert apply_patch(cfg, cfg.model_dump(mode="json")) == cfg
     with pytest.raises(ConfigError, match=r"window\.window_s: takes effect at start-up only"):
         apply_patch(cfg, {"window": {"window_s": 5}})
+
+
+# --- hostile files ------------------------------------------------------------------------------
+
+
+def _alias_bomb(levels: int = 9, fan_out: int = 9) -> str:
+    """The "billion laughs": each level lists the previous one ``fan_out`` times."""
+    lines = ["a0: &a0 [" + ", ".join(["lol"] * fan_out) + "]"]
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * fan_out) + "]")
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE = {
+    # name: (file bytes, the line the error must name, words of the message)
+    "latin1": (b"module_id: x\ndevice_id: caf\xe9\n", 2, "not UTF-8"),
+    "self_alias": (b"module_id: x\nsinks: &s [*s]\n", 2, "cycle"),
+    "python_tag": (b'device_id: !!python/object/apply:os.system ["true"]\n', 1, "!!python"),
+    "alias_bomb": (_alias_bomb().encode(), 1, "alias bomb"),
+}
+
+
+# Peak memory of a CLI process that refuses a file (measured ~50 MB); the old
+# loader grew an alias bomb past 2 GB.
+MAX_RSS_KB = 300 * 1024
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+@pytest.mark.parametrize("command", ["validate-config", "run"])
+def test_hostile_config_files_get_a_clear_error_in_bounded_memory(
+    tmp_path: Path, name: str, command: str
+) -> None:
+    """Each is refused by the real CLI, naming file and line: no traceback, no hang."""
+    data, line, words = HOSTILE[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_bytes(data)
+    argv = [str(path)] if command == "validate-config" else ["--config", str(path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOUNDWATCH_")}
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("wb") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "soundwatch", command, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            env=env,
+        )
+    # The old loader expanded the bomb for minutes towards gigabytes; this
+    # guard only keeps a regression from hanging the suite.
+    guard = threading.Timer(60, proc.kill)
+    guard.start()
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)  # reaped here, with its peak memory
+    finally:
+        guard.cancel()
+    err = err_path.read_text(errors="replace")
+    assert os.WIFEXITED(status), f"{command} {name}: killed after 60 s or by a signal: {err}"
+    assert os.WEXITSTATUS(status) == (1 if command == "validate-config" else 2), err
+    assert "Traceback" not in err, err
+    assert f"{path}:{line}: " in err, err
+    assert words in err, err
+    assert usage.ru_maxrss < MAX_RSS_KB, f"peak RSS {usage.ru_maxrss} KiB"
+
+
+def test_a_deeply_nested_or_oversized_config_is_refused(tmp_path: Path) -> None:
+    deep = _write(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested more than 64 levels"):
+        load_config(deep, env={})
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="larger than 1048576 bytes"):
+        load_config(big, env={})
+    # An environment override is parsed by the same rules.
+    with pytest.raises(ConfigError, match="SOUNDWATCH__DEVICE_ID: tag !!python/name"):
+        load_config(None, env={"SOUNDWATCH__DEVICE_ID": "!!python/name:os.system"})

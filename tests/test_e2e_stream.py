@@ -124,7 +124,10 @@ def test_mic_end_to_end_through_portaudio(
     jsonl = tmp_path / "events.jsonl"
     config = tmp_path / "config.yaml"
     # The fake device is not clock-paced and delivers minutes of audio in a
-    # moment, so the capture queue must hold the whole recording.
+    # moment, so the capture queue must hold the whole recording. Past the end
+    # of the file it repeats its last buffer as fast as it is read: an overflow
+    # storm, which would reopen it and drop the queue before the pipeline has
+    # read the recording, so storms are given longer than this run.
     config.write_text(
         f"""
 device_id: e2e
@@ -133,6 +136,7 @@ source:
   type: mic
   device: {mic.name}
   queue_blocks: 5000
+  overflow_storm_s: 600
 sinks:
   - type: jsonl
     path: {jsonl}

@@ -25,6 +25,7 @@ from soundwatch.events import (
     EventFactory,
     EventValidationError,
     SequenceCounter,
+    SequenceError,
     State,
     iso_utc,
     load_schema,
@@ -229,23 +230,35 @@ def test_unreadable_counter_falls_back_to_the_wall_clock(
     assert "unusable" in caplog.text
 
 
-def test_counter_keeps_counting_when_it_cannot_persist(
+def test_counter_refuses_numbers_above_the_stored_ceiling_while_it_cannot_persist(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A full disk: what is left below the stored ceiling is used, then no number at all."""
+    path = tmp_path / "seq"
+    counter = SequenceCounter(path, block_size=4)
+    assert [counter.next(), counter.next()] == [1, 2]
+    assert path.read_text() == "5\n"
+
     def disk_full(path: Path, text: str) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(events_mod, "_write_atomic", disk_full)
-    counter = SequenceCounter(tmp_path / "seq", block_size=2)
     with caplog.at_level(logging.ERROR, logger="soundwatch.events"):
-        assert [counter.next() for _ in range(3)] == [1, 2, 3]
+        assert [counter.next(), counter.next()] == [3, 4]  # below the stored 5
+        for _ in range(3):
+            with pytest.raises(SequenceError, match="seq 5 is not handed out"):
+                counter.next()
     assert counter.last_error is not None and "No space left" in counter.last_error
-    assert caplog.text.count("cannot persist") == 2  # retried at the next block
+    assert caplog.text.count("cannot persist") == 1  # once, not once per event
+    crashed = tmp_path / "seq-after-a-crash"
+    crashed.write_bytes(path.read_bytes())
+
     monkeypatch.undo()
-    counter.next()
-    counter.next()  # a new block: persisted again, error cleared
+    # A process restarted after a crash now hands out nothing it handed out before.
+    assert SequenceCounter(crashed, block_size=4).next() == 5
+    assert counter.next() == 5  # the disk has room again: counting resumes without a gap
     assert counter.last_error is None
-    assert (tmp_path / "seq").read_text() == "7\n"
+    assert path.read_text() == "9\n"
     with pytest.raises(ValueError):
         SequenceCounter(None, block_size=0)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from soundwatch.outbox import Outbox, OutboxError, OutboxFull
+from tests.modulekit import can_mount, fill, small_disk
 
 
 class FakeClock:
@@ -189,3 +190,25 @@ def test_committed_events_survive_kill_9(tmp_path: Path) -> None:
     assert proc.returncode == -9
     with Outbox(path) as box:  # the lock died with the process
         assert _keys(box) == [f"e{i}" for i in range(2, 20)]
+
+
+@pytest.mark.skipif(not can_mount(), reason="mounting a small tmpfs needs root")
+def test_a_small_or_full_disk_never_wedges_the_outbox(tmp_path: Path) -> None:
+    """On a small state disk the write-ahead log must not fill it and stay full.
+
+    With SQLite's default (a checkpoint only at 4 MiB of log, and only after
+    a commit that succeeded) the log of a steady enqueue/ack stream filled a
+    1 MiB disk, and every later write failed, free space or not.
+    """
+    with small_disk(tmp_path / "disk", 1024) as disk, Outbox(disk / "ob.sqlite3") as box:
+        for i in range(3000):  # ~3 MiB through a 1 MiB disk, as a module writes
+            item = box.enqueue(f"e{i}", b"x" * 1000)
+            box.ack([item.id])
+        assert box.depth() == 0
+        filler = fill(disk)
+        with pytest.raises(OutboxError, match="disk is full"):
+            for i in range(100):
+                box.enqueue(f"full{i}", b"x" * 1000)
+        filler.unlink()
+        box.enqueue("after", b"x" * 1000)  # room again: the next write succeeds
+        assert _keys(box)[-1] == "after"

@@ -63,7 +63,9 @@ def test_the_feature_vector_has_one_value_per_name(fx: FeatureExtractor) -> None
 
 
 @pytest.mark.parametrize("shaft_hz", [13.4, 20.3, 21.43, 23.9, 31.2])
-def test_the_shaft_rate_is_read_from_the_blade_pass_comb(fx: FeatureExtractor, shaft_hz: float) -> None:
+def test_the_shaft_rate_is_read_from_the_blade_pass_comb(
+    fx: FeatureExtractor, shaft_hz: float
+) -> None:
     # 21.43 Hz puts the blade pass on the hum's 3rd harmonic (150 Hz).
     values = fx.analyse(_fan(shaft_hz)).signature.values
     assert values["shaft_hz"] == pytest.approx(shaft_hz, abs=max(0.1, 0.005 * shaft_hz))
@@ -164,3 +166,19 @@ def test_a_clipped_window_has_no_verdict(fx: FeatureExtractor) -> None:
     features = fx.analyse(x)
     assert features.quality.clipped_fraction > 0.02
     assert features.quality.problem is not None and "clipped" in features.quality.problem
+
+
+def test_a_gain_step_is_taken_out_and_a_change_of_the_machine_is_not(fx: FeatureExtractor) -> None:
+    x = _fan(22.5, am_depth=0.0).astype(np.float64)
+    stepped = x.copy()
+    stepped[6 * SR :] *= 10 ** (9.0 / 20)
+    steady = fx.analyse(x.astype(np.float32))
+    features = fx.analyse(stepped.astype(np.float32))
+    assert features.quality.level_steps_db == pytest.approx((9.0,), abs=1.0)
+    assert abs(features.signature.values["surge_pct"] - steady.signature.values["surge_pct"]) < 2
+    shift = np.abs(features.mfcc[1:, 2:-4].mean(axis=1) - steady.mfcc[1:, 2:-4].mean(axis=1))
+    assert shift.max() < 1.0
+    # The blade-pass tones alone grow by 9 dB: the machine changed, not the gain.
+    t = np.arange(N) / SR
+    louder_tones = x + (t >= 6) * 2.0 * np.sin(2 * np.pi * 7 * 22.5 * t)
+    assert fx.analyse(louder_tones.astype(np.float32)).quality.level_steps_db == ()

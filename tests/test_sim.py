@@ -36,7 +36,9 @@ def _band(freqs: np.ndarray, power: np.ndarray, centre: float, half: float) -> f
     return float(power[(freqs >= centre - half) & (freqs <= centre + half)].sum())
 
 
-def _machine(unit_id: int, state: str, seed: int = 5, seconds: float = 10.0) -> tuple[np.ndarray, sim.Take]:
+def _machine(
+    unit_id: int, state: str, seed: int = 5, seconds: float = 10.0
+) -> tuple[np.ndarray, sim.Take]:
     """The fan's own sound at the microphone (no background) in a dry, flat scene."""
     take = draw_take(sim.draw_unit(unit_id), seed, seconds, 60.0, only=CLEAN)
     segments = schedule_segments([(state, seconds)], RATE)
@@ -119,13 +121,19 @@ def test_clogging_speeds_up_whistles_and_surges() -> None:
     f, p_normal = _spectrum(normal)
     _, p_faulty = _spectrum(faulty)
     bpf_new = 7 * take.unit.shaft_hz * faults.clogging_speed
-    assert _band(f, p_faulty, bpf_new, 0.015 * bpf_new) > 5 * _band(f, p_normal, bpf_new, 0.015 * bpf_new)
+    assert _band(f, p_faulty, bpf_new, 0.015 * bpf_new) > 5 * _band(
+        f, p_normal, bpf_new, 0.015 * bpf_new
+    )
     whistle = _band(f, p_faulty, faults.clogging_whistle_hz, faults.clogging_whistle_bw_hz)
-    assert whistle > 5 * _band(f, p_normal, faults.clogging_whistle_hz, faults.clogging_whistle_bw_hz)
+    assert whistle > 5 * _band(
+        f, p_normal, faults.clogging_whistle_hz, faults.clogging_whistle_bw_hz
+    )
     # Surging: the level's slow modulation at the surge rate.
     env = np.sqrt(np.convolve(faulty**2, np.ones(800) / 800, mode="valid"))[::160]
     fe, pe = _spectrum(env - env.mean(), rate=100)
-    assert _band(fe, pe, faults.clogging_surge_hz, 0.1) > 10 * _band(fe, pe, faults.clogging_surge_hz + 1.5, 0.1)
+    assert _band(fe, pe, faults.clogging_surge_hz, 0.1) > 10 * _band(
+        fe, pe, faults.clogging_surge_hz + 1.5, 0.1
+    )
 
 
 def test_voltage_change_moves_every_shaft_tone_and_enriches_the_hum() -> None:
@@ -141,9 +149,7 @@ def test_voltage_change_moves_every_shaft_tone_and_enriches_the_hum() -> None:
     def lines_over_floor(p: np.ndarray) -> float:
         # Mains lines are exact: their power in ±0.15 Hz over the ring 0.5–1.5 Hz away.
         line = sum(_band(f, p, 50.0 * h, 0.15) for h in (4, 5, 6, 7))
-        ring = sum(
-            _band(f, p, 50.0 * h + side, 0.5) for h in (4, 5, 6, 7) for side in (-1.0, 1.0)
-        )
+        ring = sum(_band(f, p, 50.0 * h + side, 0.5) for h in (4, 5, 6, 7) for side in (-1.0, 1.0))
         return line / ring
 
     assert lines_over_floor(p_faulty) > 3 * lines_over_floor(p_normal)
@@ -252,7 +258,9 @@ def test_a_change_of_state_ramps_and_shares_are_counted_half_each_side() -> None
 
 
 def test_clip_sets_use_mimii_layout_and_are_identical_with_workers(tmp_path: Path) -> None:
-    plan = ClipPlan(units=(0, 2), per_class=1, snrs_db=(-6.0, 6.0), mixture=sim.Mixture(), straddle=0.5)
+    plan = ClipPlan(
+        units=(0, 2), per_class=1, snrs_db=(-6.0, 6.0), mixture=sim.Mixture(), straddle=0.5
+    )
     roots = []
     for workers in (1, 2):
         root = tmp_path / f"w{workers}"
@@ -276,7 +284,9 @@ def test_a_long_recording_is_written_with_its_truth(tmp_path: Path) -> None:
     wav = tmp_path / "day.wav"
     truth = write_recording(
         wav,
-        RecordingPlan(unit_number=7, schedule=[("normal", 20.0), ("bearing", 8.0)], events_per_min=6.0),
+        RecordingPlan(
+            unit_number=7, schedule=[("normal", 20.0), ("bearing", 8.0)], events_per_min=6.0
+        ),
         block_s=3.0,
     )
     info = sf.info(str(wav))

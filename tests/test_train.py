@@ -340,9 +340,7 @@ def test_featurisation_is_deterministic_and_cached(
 
     clip = decode_audio(labelled_tree / records[1].rel_path, 22050)
     expected = FeatureExtractor(librosa_spec).analyse(clip.samples)
-    np.testing.assert_allclose(
-        x1[(clip1 == 1) & (copy1 == 0)][0], expected.mfcc, rtol=0, atol=1e-3
-    )
+    np.testing.assert_allclose(x1[(clip1 == 1) & (copy1 == 0)][0], expected.mfcc, rtol=0, atol=1e-3)
     # A second run loads the cache and gives the same arrays.
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()}
     x3, _, _ = run(tmp_path / "a", 1, 4)

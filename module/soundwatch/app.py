@@ -33,20 +33,32 @@ from soundwatch.channels import Channel, open_channels
 from soundwatch.config import Config, ConfigError, apply_patch
 from soundwatch.control import ControlPlane
 from soundwatch.decision import (
+    AnomalyEnded,
+    AnomalyStarted,
     DecisionConfigError,
+    DecisionOutput,
     DecisionState,
     ModelClasses,
     NoveltyDecision,
     WindowResult,
+    WindowState,
     learning_config,
 )
 from soundwatch.device_audio import DeviceAudioRing
-from soundwatch.events import Event, EventFactory, Message, SequenceCounter, State, to_wire
+from soundwatch.events import (
+    Event,
+    EventFactory,
+    Message,
+    SequenceCounter,
+    SequenceError,
+    State,
+    to_wire,
+)
 from soundwatch.features import FeatureExtractor, FeatureSpec
 from soundwatch.model import Classifier
 from soundwatch.native_log import litert_banner_to_log
 from soundwatch.resample import StreamResampler
-from soundwatch.sinks import Sink, SinkContext, make_sink
+from soundwatch.sinks import Sink, SinkContext, SinkKept, make_sink
 from soundwatch.sources import Source, open_source
 from soundwatch.stream_types import AudioBlock, SourceHealth
 from soundwatch.unit_baseline import UnitBaseline, UnitBaselineError
@@ -55,9 +67,16 @@ from soundwatch.windowing import FeatureWindow, StreamingFeatures, hop_frames_fo
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[Message], None]
-# How long shutdown waits for sinks to flush (MQTT acks, file fsync).
+# How long the end of a source (a file run) waits for sinks to flush (MQTT acks, file fsync).
 CLOSE_TIMEOUT_S = 10.0
+# After a stop request (SIGTERM, Ctrl-C) the sinks get this long, together: the
+# process must be gone within 3 s whatever the broker does (docker stop's grace
+# is 10 s). What is not acknowledged by then stays in the outboxes.
+STOP_CLOSE_TIMEOUT_S = 1.5
 RECENT_EVENTS = 500
+# Decided events waiting for a sequence number that can be persisted (a full
+# state disk); beyond this the oldest is given up, counted and logged.
+MAX_HELD_EVENTS = 1000
 
 
 def apply_log_level(level: str) -> None:
@@ -73,6 +92,13 @@ class Stats:
     windows: int = 0
     events: collections.Counter[str] = field(default_factory=collections.Counter)
     publish_failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Per sink: events neither delivered nor stored for later (a run that had
+    # any exits 1), and events stored to be sent after the next start.
+    events_lost: collections.Counter[str] = field(default_factory=collections.Counter)
+    events_kept: collections.Counter[str] = field(default_factory=collections.Counter)
+    lost_event_ids: set[str] = field(default_factory=set)  # lost by one sink or more
+    # Decided events never numbered (no sequence number could be persisted).
+    events_not_emitted: int = 0
     stage_seconds: dict[str, list[float]] = field(
         default_factory=lambda: collections.defaultdict(list)
     )
@@ -133,6 +159,7 @@ class Runtime:
         self._features = self._make_features(config)
         self._latest_state: State | None = None
         self._recent: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS)
+        self._held: collections.deque[AnomalyStarted | AnomalyEnded] = collections.deque()
         self._listeners: list[Listener] = []
         # What the edges beside the pipeline report about themselves (e.g. "http").
         self._edges: dict[str, Mapping[str, Any]] = {}
@@ -149,10 +176,13 @@ class Runtime:
             latest_state=lambda: self._latest_state,
             baseline=self.unit is not None,
         )
+        # Each sink is bound as soon as it is built, before its worker can have
+        # connected: an MQTT sink then knows to announce itself only with a
+        # state of this run. Its worker may ask for health() at once, before
+        # the control plane and channels exist: health() allows for that.
+        self.control: ControlPlane | None = None
+        self.channels: list[Channel] = []
         if sinks is None:
-            # Each sink is bound as soon as it is built, before its worker can
-            # have connected: an MQTT sink then knows to announce itself only
-            # with a state of this run.
             sinks = []
             for sink_config in config.sinks:
                 sinks.append(make_sink(sink_config))
@@ -164,7 +194,7 @@ class Runtime:
         # Events the console sink prints are not logged again (once on a terminal).
         self._log_events = not any(s.type_name == "console" for s in self.sinks)
         self.control = ControlPlane(self)
-        self.channels: list[Channel] = open_channels(self.sinks, self.control)
+        self.channels = open_channels(self.sinks, self.control)
         self.control.start()
 
     # --- what the edges use ------------------------------------------------
@@ -250,10 +280,15 @@ class Runtime:
         # the module is still doing its job: that is "degraded", not unhealthy
         # (an orchestrator restarting us would not bring the broker back).
         sinks_ok = all(h.get("healthy", True) for h in sinks.values())
-        healthy = src.healthy and not (self._ended and self._running)
+        # Events waiting for a sequence number are not going out: unhealthy.
+        healthy = src.healthy and not (self._ended and self._running) and not self._held
         return {
             "healthy": healthy,
             "degraded": not sinks_ok,
+            "sequence": {
+                "error": self.events.sequence_error,
+                "held_events": len(self._held),
+            },
             "source": {
                 "healthy": src.healthy,
                 "state": src.state,
@@ -270,7 +305,7 @@ class Runtime:
             },
             "sinks": sinks,
             "control": {
-                **self.control.health(),
+                **(self.control.health() if self.control is not None else {"state": "starting"}),
                 "channels": {c.name: c.health() for c in self.channels},
             },
             "baseline": self.unit.health() if self.unit is not None else {"state": "off"},
@@ -306,7 +341,8 @@ class Runtime:
             with self._lock:
                 closing = self._decision.finish()
             for out in closing:
-                self._publish(self.events.build(out))
+                self._emit(out)
+            self._give_up_held()
             last = self._latest_state
             if last is not None and last.active_class is not None:
                 # Dashboards keep the last retained state: it must not show an
@@ -314,9 +350,34 @@ class Runtime:
                 self._latest_state = self.events.ended(last)
                 self._publish(self._latest_state)
             self._ended = True
-            self._close_sinks()
+            self._close_sinks(STOP_CLOSE_TIMEOUT_S if stop.is_set() else CLOSE_TIMEOUT_S)
             self._running = False
-        return 0
+        return self._report_delivery()
+
+    def _report_delivery(self) -> int:
+        """Log what could not be delivered or stored; 1 if anything, else 0."""
+        stats = self.stats
+        emitted = sum(stats.events.values())
+        with self._lock:
+            lost = len(stats.lost_event_ids)
+        for sink, n in sorted(stats.events_kept.items()):
+            logger.warning(
+                "%s: %d event(s) not yet delivered wait in its outbox for the next start", sink, n
+            )
+        if not lost and not stats.events_not_emitted:
+            return 0
+        per_sink = ", ".join(f"{name}: {n}" for name, n in sorted(stats.events_lost.items()))
+        logger.error(
+            "%d of %d event(s) could not be delivered or stored%s%s",
+            lost,
+            emitted,
+            f" ({per_sink})" if per_sink else "",
+            f"; {stats.events_not_emitted} decided event(s) were never emitted (no sequence "
+            "number could be persisted)"
+            if stats.events_not_emitted
+            else "",
+        )
+        return 1
 
     def _make_features(self, config: Config) -> StreamingFeatures:
         spec = self.bundle.spec
@@ -335,7 +396,7 @@ class Runtime:
             with self._lock:
                 closing = self._decision.reset()
             for out in closing:
-                self._publish(self.events.build(out))
+                self._emit(out)
         t0 = time.perf_counter()
         windows = self._features.push(block)
         self.stats.observe("features", time.perf_counter() - t0)
@@ -378,8 +439,11 @@ class Runtime:
             enabled = self.config.decision.enabled
         self.stats.observe("decision", time.perf_counter() - t1)
         self.stats.windows += 1
+        self._release_held()
         for out in outputs:
-            message = self.events.build(out)
+            message = self._build(out)
+            if message is None:  # held until it can be numbered
+                continue
             if isinstance(message, State):
                 self._latest_state = message
             elif not enabled:
@@ -387,6 +451,57 @@ class Runtime:
             elif message.kind == "anomaly_started" and self.recorder is not None:
                 self.recorder.save(window, message)
             self._publish(message)
+
+    def _emit(self, out: DecisionOutput) -> None:
+        message = self._build(out)
+        if message is not None:
+            self._publish(message)
+
+    def _build(self, out: DecisionOutput) -> Message | None:
+        """The message for ``out``; ``None`` when the event waits for a sequence number.
+
+        Events keep their order: one decided while others wait, waits behind them.
+        """
+        if isinstance(out, WindowState):
+            return self.events.build(out)
+        if not self._held:
+            try:
+                return self.events.build(out)
+            except SequenceError as e:
+                logger.error("event held, not emitted yet: %s", e)
+        if len(self._held) >= MAX_HELD_EVENTS:
+            self._give_up(self._held.popleft(), f"more than {MAX_HELD_EVENTS} events wait")
+        self._held.append(out)
+        return None
+
+    def _release_held(self) -> None:
+        """Number and publish the waiting events, in order, while numbers can be had."""
+        while self._held:
+            try:
+                event = self.events.build(self._held[0])
+            except SequenceError:
+                return
+            self._held.popleft()
+            logger.warning("held event emitted as #%d (%d still held)", event.seq, len(self._held))
+            self._publish(event)
+
+    def _give_up_held(self) -> None:
+        """At the end of a run: a last try, then every event still waiting is reported lost."""
+        self._release_held()
+        error = self.events.sequence_error or "no sequence number"
+        while self._held:
+            self._give_up(self._held.popleft(), error)
+
+    def _give_up(self, out: AnomalyStarted | AnomalyEnded, why: str) -> None:
+        self.stats.events_not_emitted += 1
+        logger.error(
+            "event NOT emitted: %s %s, stream %.1f-%.1f s (%s)",
+            type(out).__name__,
+            out.class_name,
+            out.stream_start_s,
+            out.stream_end_s,
+            why,
+        )
 
     # --- the unit's baseline -----------------------------------------------------
 
@@ -410,7 +525,7 @@ class Runtime:
         else:
             decision.reconfigure(config.decision)
 
-    def _follow_baseline(self) -> list[Any]:
+    def _follow_baseline(self) -> list[DecisionOutput]:
         """When the baseline appeared or was dropped: decide the other way from now on.
 
         The old decision closes like a source gap (an active anomaly ends with
@@ -493,29 +608,63 @@ class Runtime:
                 listener(message)
             except Exception:  # a view must never stop the pipeline
                 logger.exception("listener failed")
+        event_id = message.event_id if isinstance(message, Event) else None
         for sink in self.sinks:
             future = sink.publish(message)
-            future.add_done_callback(functools.partial(self._on_delivery, sink_name=sink.name))
+            future.add_done_callback(
+                functools.partial(self._on_delivery, sink_name=sink.name, event_id=event_id)
+            )
 
-    def _on_delivery(self, future: Future[None], *, sink_name: str) -> None:
+    def _on_delivery(self, future: Future[None], *, sink_name: str, event_id: str | None) -> None:
         error = future.exception()
-        if error is not None:
-            self.stats.publish_failures[sink_name] += 1
-            logger.error("sink %s failed to deliver a message: %s", sink_name, error)
+        if error is None:
+            return
+        if isinstance(error, SinkKept):  # stored durably, sent after the next start
+            self.stats.events_kept[sink_name] += 1
+            return
+        self.stats.publish_failures[sink_name] += 1
+        if event_id is not None:
+            self.stats.events_lost[sink_name] += 1
+            with self._lock:
+                self.stats.lost_event_ids.add(event_id)
+        logger.error("sink %s failed to deliver a message: %s", sink_name, error)
 
-    def _close_sinks(self) -> None:
+    def _close_sinks(self, timeout_s: float) -> None:
+        """Close the channels, the control plane and the sinks, within about ``timeout_s``.
+
+        The sinks close side by side, each with the whole budget, so one
+        whose destination hangs does not eat another's time.
+        """
+        deadline = time.monotonic() + timeout_s
         # Commands first: a channel answers through its sink's connection.
         for channel in self.channels:
             try:
                 channel.close()
             except Exception:
                 logger.exception("closing the command channel of %s failed", channel.name)
-        self.control.close()
-        for sink in self.sinks:
-            try:
-                sink.close(CLOSE_TIMEOUT_S)
-            except Exception:
-                logger.exception("closing sink %s failed", sink.name)
+        if self.control is not None:
+            self.control.close(min(5.0, timeout_s / 2))
+        closers = [
+            threading.Thread(
+                target=self._close_sink, args=(sink, timeout_s), name=f"close-{sink.name}"
+            )
+            for sink in self.sinks
+        ]
+        for closer in closers:
+            closer.daemon = True
+            closer.start()
+        for closer in closers:
+            # The sinks keep to the budget themselves; the margin is for their last steps.
+            closer.join(max(deadline - time.monotonic(), 0.0) + 0.5)
+            if closer.is_alive():
+                logger.error("%s did not finish in time; leaving it", closer.name)
+
+    @staticmethod
+    def _close_sink(sink: Sink, timeout_s: float) -> None:
+        try:
+            sink.close(timeout_s)
+        except Exception:
+            logger.exception("closing sink %s failed", sink.name)
 
 
 class ResampleChain:

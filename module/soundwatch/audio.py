@@ -85,9 +85,12 @@ def decode_audio(
             limit = total if max_seconds is None else min(total, math.ceil(max_seconds * rate))
             data = f.read(frames=limit, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(
-            f"not audio libsndfile can read (WAV, FLAC, OGG, AIFF, ...): {_reason(e)}"
-        ) from e
+        reason = _reason(e)
+        if "format not recognised" in reason.lower():
+            raise AudioError(
+                "not audio: no WAV, FLAC, OGG, AIFF or other format libsndfile reads"
+            ) from e
+        raise AudioError(f"cannot read the audio ({reason})") from e
     if data.shape[0] == 0:
         raise AudioError("audio is empty (0 samples)")
     if not np.all(np.isfinite(data)):

@@ -156,6 +156,18 @@ def _require(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wh
     return value
 
 
+def _inside(root: Path, name: str, where: str) -> Path:
+    """``root / name``, refused before it is opened unless it resolves inside ``root``.
+
+    A bundle is a directory copied from elsewhere: its bundle.json must not
+    make the module read (or block on) a file outside it.
+    """
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{where}: {name!r} is outside the bundle directory; not read")
+    return path
+
+
 def load_bundle(path: Path | str | None = None) -> Bundle:
     """Load and validate the bundle in ``path`` (default: the shipped one)."""
     root = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
@@ -185,14 +197,14 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
         )
 
     model_doc = _require(doc, "model", dict, where)
-    model_path = root / _require(model_doc, "file", str, f"{where}: model")
+    model_path = _inside(root, _require(model_doc, "file", str, f"{where}: model"), where)
     _check_hash(model_path, _require(model_doc, "sha256", str, f"{where}: model"), "model")
     input_shape = tuple(int(v) for v in _require(model_doc, "input_shape", list, f"{where}: model"))
     input_dtype = _require(model_doc, "input_dtype", str, f"{where}: model")
     output_dtype = _require(model_doc, "output_dtype", str, f"{where}: model")
 
     feat_doc = _require(doc, "features", dict, where)
-    feat_path = root / _require(feat_doc, "file", str, f"{where}: features")
+    feat_path = _inside(root, _require(feat_doc, "file", str, f"{where}: features"), where)
     _check_hash(feat_path, _require(feat_doc, "sha256", str, f"{where}: features"), "features")
     arrays = _load_arrays(feat_path)
     scalars = {k: v for k, v in feat_doc.items() if k not in ("file", "sha256")}
@@ -229,8 +241,8 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
 
     physics_mean, physics_std = arrays.get("physics_mean"), arrays.get("physics_std")
     n_physics = len(FEATURE_NAMES)
-    for name, arr in (("physics_mean", physics_mean), ("physics_std", physics_std)):
-        if arr is None or arr.shape != (n_physics,) or not np.all(np.isfinite(arr)):
+    for name, values in (("physics_mean", physics_mean), ("physics_std", physics_std)):
+        if values is None or values.shape != (n_physics,) or not np.all(np.isfinite(values)):
             raise BundleError(f"{feat_path}: {name} must be {n_physics} finite values")
     assert physics_mean is not None and physics_std is not None
     if np.any(physics_std <= 0):
@@ -283,7 +295,9 @@ def _typical(
         or means.shape != (n_classes, dims)
         or precision.shape != (dims, dims)
     ):
-        raise BundleError(f"{where}: typical_mean/typical_precision missing or not ({n_classes}, {dims})")
+        raise BundleError(
+            f"{where}: typical_mean/typical_precision missing or not ({n_classes}, {dims})"
+        )
     thresholds = _require(rule, "thresholds", list, f"{where}: unknown")
     ramps = _require(rule, "ramps", list, f"{where}: unknown")
     if len(thresholds) != n_classes or len(ramps) != n_classes or min(ramps) <= 0:

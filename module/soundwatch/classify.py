@@ -186,6 +186,9 @@ class ClipClassifier:
                 f"{q.dead_frames * frame_s:.1f} s of the window is silent or dropped out "
                 "(left out of the analysis)"
             )
+        for jump in q.level_steps_db:
+            out.append(f"the level jumps by {jump:+.1f} dB inside the window (a gain change?): "
+                       "taken out before the analysis")
         if q.clipped_fraction > 0.001:
             out.append(f"{100 * q.clipped_fraction:.1f} % of the samples are clipped")
         out.extend(clip.notes)

@@ -208,6 +208,7 @@ def _http_options(args: argparse.Namespace, *, beside_pipeline: bool) -> Any:
             upload_timeout_s=args.http_upload_timeout,
             classifiers=args.http_classifiers,
             loopback_without_token=beside_pipeline,
+            allowed_hosts=args.http_allowed_hosts,
         )
     except HttpConfigError as e:
         raise UsageError(f"--http: {e}") from e
@@ -279,7 +280,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         code = runtime.run(stop)
     finally:
         if http is not None:
-            http.stop()
+            http.stop(timeout_s=0.5)  # a SIGTERM must end the process within 3 s
+    # An HTTP server that could not start never stops the pipeline, and does
+    # not fail its run either (health says why it is missing).
     return code
 
 
@@ -778,7 +781,7 @@ def _add_bundle(p: argparse.ArgumentParser) -> None:
 
 
 def _add_http(p: argparse.ArgumentParser, *, default_address: str | None) -> None:
-    from soundwatch.http.options import AUTH_ENV, DEFAULT_ADDRESS, TOKEN_ENV
+    from soundwatch.http.options import ALLOWED_HOSTS_ENV, AUTH_ENV, DEFAULT_ADDRESS, TOKEN_ENV
 
     g = p.add_argument_group("HTTP API")
     g.add_argument(
@@ -816,6 +819,12 @@ def _add_http(p: argparse.ArgumentParser, *, default_address: str | None) -> Non
         type=int,
         metavar="N",
         help="uploads classified at once (default: min(2, CPUs))",
+    )
+    g.add_argument(
+        "--http-allowed-hosts",
+        metavar="NAMES",
+        help="host names the API answers to besides IP addresses, localhost and this "
+        f"machine's name, comma-separated; * for any (default: ${ALLOWED_HOSTS_ENV})",
     )
 
 

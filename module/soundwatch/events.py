@@ -99,23 +99,27 @@ class SequenceCounter:
     """Hands out strictly increasing integers, also across process restarts.
 
     With a ``path``, the file holds a *ceiling*: a value above every number
-    handed out so far. Numbers are reserved in blocks of ``block_size``: when
-    the block is used up, the new ceiling is written atomically (temp file,
-    fsync, rename, fsync of the directory) *before* the next number is handed
-    out. After a restart counting resumes at the stored ceiling, skipping what
-    was left of the block. So a restart leaves a gap of less than
-    ``block_size`` and there is one fsync per ``block_size`` numbers instead
-    of one per event. (Only anomaly events take numbers, which are rare, so
-    this mostly bounds the cost if a misconfiguration makes them frequent.)
+    handed out so far, and no number at or above the stored ceiling is ever
+    handed out. Numbers are reserved in blocks of ``block_size``, ahead of
+    need: when half a block or less is left below the stored ceiling, the
+    next ceiling (one block higher) is written atomically (temp file, fsync,
+    rename, fsync of the directory). After a restart counting resumes at the
+    stored ceiling, skipping what was left: a restart leaves a gap of at most
+    one and a half blocks, and there is one fsync per ``block_size`` numbers.
+    (Only anomaly events take numbers, which are rare, so this mostly bounds
+    the cost if a misconfiguration makes them frequent.)
 
-    Without a ``path`` the counter lives in memory and restarts at 1.
+    If the next ceiling cannot be written (a full disk), counting goes on
+    below the stored one, which leaves up to half a block of room to recover,
+    and every later number retries the write. Once the stored ceiling is
+    reached, :meth:`next` raises :class:`SequenceError` instead of handing
+    out a number that a restart would hand out again: the caller holds the
+    event until a number can be had (:attr:`last_error` says why meanwhile).
 
-    If the ceiling cannot be written, the counter logs an error, records it in
-    :attr:`last_error` and keeps counting in memory: an event with a number
-    that a later restart might repeat is better than no event. If the stored
-    file is unreadable, counting starts from the wall clock in milliseconds,
-    which is above any value a sane counter reached, and an error is logged.
-    Thread-safe.
+    Without a ``path`` the counter lives in memory and restarts at 1. If the
+    stored file is unreadable, counting starts from the wall clock in
+    milliseconds, which is above any value a sane counter reached, and an
+    error is logged. Thread-safe.
     """
 
     def __init__(self, path: Path | str | None = None, *, block_size: int = 100) -> None:
@@ -145,23 +149,42 @@ class SequenceCounter:
         return self._last
 
     def next(self) -> int:
-        """The next number; strictly greater than every earlier one."""
+        """The next number; strictly greater than every earlier one, here and before a restart.
+
+        Raises :class:`SequenceError` when the number would reach the stored
+        ceiling and a higher one cannot be written.
+        """
         with self._lock:
+            if self._ceiling - self._next <= self._block // 2:
+                self._reserve(max(self._ceiling, self._next) + self._block)
             if self._next >= self._ceiling:
-                self._reserve(self._next + self._block)
+                raise SequenceError(
+                    f"{self.last_error}; seq {self._next} is not handed out: a restart "
+                    "could hand it out again"
+                )
             value = self._next
             self._next += 1
             self._last = value
             return value
 
-    def _reserve(self, ceiling: int) -> None:
+    def _reserve(self, ceiling: int | float) -> None:
         assert self._path is not None  # an in-memory counter never runs out
         try:
-            _write_atomic(self._path, f"{ceiling}\n")
-            self.last_error = None
+            _write_atomic(self._path, f"{int(ceiling)}\n")
         except OSError as e:
+            if self.last_error is None:  # once per episode: every event retries
+                logger.error(
+                    "cannot persist sequence ceiling to %s: %s; %d number(s) left below "
+                    "the stored ceiling, then events wait until it can be written",
+                    self._path,
+                    e,
+                    max(0, int(self._ceiling) - self._next),
+                )
             self.last_error = f"cannot persist sequence ceiling to {self._path}: {e}"
-            logger.error("%s; counting on in memory", self.last_error)
+            return
+        if self.last_error is not None:
+            logger.warning("sequence ceiling persisted to %s again", self._path)
+        self.last_error = None
         self._ceiling = ceiling
 
     @staticmethod
@@ -519,12 +542,21 @@ class EventFactory:
             baseline=baseline,
         )
 
+    @property
+    def sequence_error(self) -> str | None:
+        """Why event numbers cannot be persisted right now (``None`` when they can)."""
+        return self._sequence.last_error
+
     @overload
     def build(self, output: WindowState) -> State: ...
     @overload
     def build(self, output: AnomalyStarted | AnomalyEnded) -> Event: ...
     def build(self, output: DecisionOutput) -> Message:
-        """The message for any decision output."""
+        """The message for any decision output.
+
+        Raises :class:`SequenceError` for an event when no sequence number can
+        be had (:class:`SequenceCounter`); state messages take none.
+        """
         if isinstance(output, AnomalyStarted):
             return self._event("anomaly_started", output, output.anomaly_id, None)
         if isinstance(output, AnomalyEnded):

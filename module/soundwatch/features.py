@@ -256,7 +256,9 @@ class FeatureExtractor:
         features = self.window_features(log_mel, low[self.interior(len(low))], window)
         if repeated:
             q = features.quality
-            quality = Quality(min(q.valid_s, real_s), q.dead_frames, q.clipped_fraction, True)
+            quality = Quality(
+                min(q.valid_s, real_s), q.dead_frames, q.clipped_fraction, True, q.level_steps_db
+            )
             features = WindowFeatures(features.mfcc, features.signature, quality)
         return features
 
@@ -269,22 +271,31 @@ class FeatureExtractor:
         """Features of one window from its frames (log-mel of every frame, low STFT bins of
         the interior ones) and its samples."""
         repaired, n_dead = repair_dead_frames(log_mel)
+        steps = level_steps(repaired)
+        first_interior = self.interior(log_mel.shape[0]).start
+        repaired, low_interior = undo_level_steps(repaired, low_interior, first_interior, steps)
         mfcc = fit_frames(self.mfcc_from_log_mel(repaired), self.spec)
         physics = self._physics.get(low_interior.shape[0])
         if physics is None:
             spec = self.spec
             physics = PhysicsExtractor(
-                spec.sample_rate_hz, spec.n_fft, spec.hop_length, self._mel_centres_hz,
+                spec.sample_rate_hz,
+                spec.n_fft,
+                spec.hop_length,
+                self._mel_centres_hz,
                 low_interior.shape[0],
             )
             self._physics[low_interior.shape[0]] = physics
         signature = physics.signature(low_interior, repaired)
         frame_s = self.spec.hop_length / self.spec.sample_rate_hz
-        clipped = float(np.count_nonzero(np.abs(samples) >= CLIPPED_LEVEL)) / max(1, samples.shape[0])
+        clipped = float(np.count_nonzero(np.abs(samples) >= CLIPPED_LEVEL)) / max(
+            1, samples.shape[0]
+        )
         quality = Quality(
             valid_s=round((log_mel.shape[0] - n_dead) * frame_s, 3),
             dead_frames=n_dead,
             clipped_fraction=round(clipped, 5),
+            level_steps_db=tuple(round(j, 1) for _, j in steps),
         )
         return WindowFeatures(mfcc, signature, quality)
 
@@ -321,6 +332,7 @@ class Quality:
     dead_frames: int
     clipped_fraction: float
     repeated: bool = False
+    level_steps_db: tuple[float, ...] = ()  # gain changes taken out of the window
 
     @property
     def problem(self) -> str | None:
@@ -362,6 +374,80 @@ def repair_dead_frames(log_mel: F64) -> tuple[F64, int]:
     out = log_mel.copy()
     out[dead] = log_mel[live[np.arange(n_dead) % live.size]]
     return out, n_dead
+
+
+#: A level step is a gain change: this big (dB), with the loud bands' jumps no
+#: more spread than at an ordinary frame boundary, times this (a change of
+#: the machine's sound moves bands unalike).
+LEVEL_STEP_MIN_DB = 3.0
+LEVEL_STEP_SPREAD = 1.6
+MAX_LEVEL_STEPS = 2
+
+
+def level_steps(log_mel: F64) -> list[tuple[int, float]]:
+    """Abrupt changes of every band alike: someone touched the gain, not the machine.
+
+    Returns ``(first frame after the step, jump in dB)``, at most
+    :data:`MAX_LEVEL_STEPS`. A step is the largest jump between the mean of
+    three frames before and three after a boundary (two frames either side
+    left out: the STFT window smears an instant over them), at least
+    :data:`LEVEL_STEP_MIN_DB`, with the loud bands moving alike (their jumps
+    spread no more than at an ordinary boundary), standing out from the
+    window's ordinary frame-to-frame movement.
+    """
+    n = log_mel.shape[0]
+    # The first and last two frames reach into the window's zero padding.
+    first, last = 2, n - 2
+    if last - first < 20:
+        return []
+    work = log_mel[first:last].copy()
+    m = work.shape[0]
+    loud = work.mean(axis=0) > work.mean(axis=0).max() - 50.0
+    steps: list[tuple[int, float]] = []
+    for _ in range(MAX_LEVEL_STEPS):
+        c = np.concatenate([np.zeros((1, work.shape[1])), np.cumsum(work, axis=0)])
+        # At least 15 frames (0.35 s) either side: a step is told by what lasts.
+        t = np.arange(15, m - 15)
+        before = (c[t - 2] - c[t - 5]) / 3.0
+        after = (c[t + 5] - c[t + 2]) / 3.0
+        band_jumps = (after - before)[:, loud]
+        jumps = band_jumps.mean(axis=1)
+        spread = band_jumps.std(axis=1)
+        k = int(np.argmax(np.abs(jumps)))
+        jump, at = float(jumps[k]), int(t[k])
+        # A gain change stays: everything after differs from everything before
+        # by about the jump, where an event's level comes back down.
+        level = work[:, loud].mean(axis=1)
+        lasting = float(level[at + 2 :].mean() - level[: at - 2].mean())
+        if (
+            abs(jump) < LEVEL_STEP_MIN_DB
+            or spread[k] > LEVEL_STEP_SPREAD * float(np.median(spread))
+            or abs(jump) < 4.0 * float(np.median(np.abs(jumps)))
+            or lasting * jump <= 0
+            or abs(lasting) < 0.6 * abs(jump)
+        ):
+            break
+        steps.append((at + first, jump))
+        work[at:] -= jump
+    return sorted(steps)
+
+
+def undo_level_steps(
+    log_mel: F64,
+    low: npt.NDArray[np.complex64],
+    low_first_frame: int,
+    steps: list[tuple[int, float]],
+) -> tuple[F64, npt.NDArray[np.complex64]]:
+    """The frames as if the gain had not moved (later frames brought back by each jump)."""
+    if not steps:
+        return log_mel, low
+    mel = log_mel.copy()
+    bins = low.copy()
+    for at, jump in steps:
+        mel[at:] -= jump
+        start = max(0, at - low_first_frame)
+        bins[start:] *= np.float32(10.0 ** (-jump / 20.0))
+    return mel, bins
 
 
 def loop_fill(y: npt.NDArray[np.floating[Any]], n: int, sample_rate_hz: int) -> F32:

@@ -146,7 +146,9 @@ class Classifier:
         mfcc_in = next((d for d in inputs if len(d["shape"]) == 4), None)
         physics_in = next((d for d in inputs if len(d["shape"]) == 2), None)
         if mfcc_in is None or physics_in is None:
-            raise BundleError(f"{bundle.model_path}: inputs must be a 4-D MFCC and a 2-D physics tensor")
+            raise BundleError(
+                f"{bundle.model_path}: inputs must be a 4-D MFCC and a 2-D physics tensor"
+            )
         out = outputs[0]
         shape = tuple(int(v) for v in mfcc_in["shape"])
         if shape != bundle.input_shape:
@@ -215,7 +217,9 @@ class Classifier:
         ).astype(np.float32)
         return out
 
-    def embedding(self, mfcc: npt.NDArray[np.float32], physics: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def embedding(
+        self, mfcc: npt.NDArray[np.float32], physics: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float32]:
         """Standardised physics and normalised MFCC means: where the window sits."""
         prepared = self.prepare(mfcc)
         means = prepared[:, EDGE_FRAMES[0] : mfcc.shape[1] - EDGE_FRAMES[1]].mean(axis=1)
@@ -260,8 +264,7 @@ class Classifier:
             unknown = self.bundle.typical.unknown(distance, chosen)
             if unknown > 0:
                 problem = (
-                    f"unlike the {self.bundle.class_names[chosen]} windows the model was "
-                    "trained on"
+                    f"unlike the {self.bundle.class_names[chosen]} windows the model was trained on"
                 )
         return Prediction(
             class_names=self.bundle.class_names,

@@ -11,7 +11,15 @@ and process restarts (including ``kill -9``): delivery is at least once, in
 enqueue order, and a receiver de-duplicates on ``key``.
 
 Storage is one SQLite file in WAL mode with ``synchronous=FULL``: a committed
-enqueue survives a power cut. Schema (``PRAGMA user_version`` = 1)::
+enqueue survives a power cut. The write-ahead log is checkpointed every
+:data:`WAL_CHECKPOINT_PAGES` pages and kept to :data:`WAL_SIZE_LIMIT` bytes
+(the outbox is small and events are rare); when the disk is full, a write
+that fails is tried once more after checkpointing the log and truncating it
+to nothing, which frees what the log held. (SQLite's default checkpoints at
+1000 pages, 4 MiB: on a small state disk the log alone could fill it, and
+with every commit failing no checkpoint would ever come to free it.)
+
+Schema (``PRAGMA user_version`` = 1)::
 
     CREATE TABLE outbox (
         id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- delivery order, never reused
@@ -72,6 +80,8 @@ DEFAULT_MAX_EVENTS = 10_000
 DEFAULT_MAX_BYTES = 50_000_000
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
 _T = TypeVar("_T")
+WAL_CHECKPOINT_PAGES = 100
+WAL_SIZE_LIMIT = 1024 * 1024
 # How many dropped keys one log line names; the count is always complete.
 _LOG_KEYS = 10
 
@@ -441,6 +451,8 @@ class Outbox:
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode})")
             db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise sqlite3.OperationalError(
@@ -496,7 +508,28 @@ class Outbox:
             raise OutboxError(f"outbox {self.path}: read failed: {e}") from e
 
     def _write(self, fn: Callable[[], _T]) -> _T:
-        """Run ``fn`` in one immediate transaction; restore counters on failure."""
+        """Run ``fn`` in one immediate transaction; restore counters on failure.
+
+        A transaction the full disk refused is run once more after the
+        write-ahead log is checkpointed and truncated (module docstring).
+        """
+        try:
+            return self._write_once(fn)
+        except OutboxError as e:
+            if not _is_disk_full(e.__cause__) or not self._truncate_wal():
+                raise
+        return self._write_once(fn)
+
+    def _truncate_wal(self) -> bool:
+        """Checkpoint the write-ahead log and truncate it; whether that fully worked."""
+        try:
+            busy, _log, _done = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as e:
+            logger.debug("outbox %s: checkpoint failed: %s", self.path, e)
+            return False
+        return int(busy) == 0
+
+    def _write_once(self, fn: Callable[[], _T]) -> _T:
         db = self._conn()
         saved = (self._depth, self._bytes, dict(self._dropped))
         try:
@@ -582,6 +615,13 @@ class Outbox:
                 ", ".join(keys[:_LOG_KEYS]),
                 more,
             )
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF == sqlite3.SQLITE_FULL)
+    return isinstance(error, sqlite3.Error) and "disk is full" in str(error)
 
 
 def _is_corruption(error: sqlite3.Error) -> bool:

@@ -176,7 +176,7 @@ class PhysicsExtractor:
     # -- the fine spectrum --------------------------------------------------
 
     def fine_power(self, low: C64) -> F64:
-        """Power spectrum at ``fine_hz`` from ``(n_frames, LOW_BINS)`` STFT bins (Welch, 2 halves)."""
+        """Power at ``fine_hz`` from ``(n_frames, LOW_BINS)`` STFT bins (Welch, 2 halves)."""
         if low.shape != (self.n_frames, LOW_BINS):
             raise ValueError(f"expected STFT bins {(self.n_frames, LOW_BINS)}, got {low.shape}")
         h = self._half_frames
@@ -184,7 +184,8 @@ class PhysicsExtractor:
         zoom = np.fft.fft(halves, n=self.n_zoom, axis=1)[:, self._rows]  # (2, per_bin, bins)
         power = (zoom.real.astype(np.float64) ** 2 + zoom.imag.astype(np.float64) ** 2).mean(axis=0)
         power *= self._slice_gain[:, None]
-        return power.T.reshape(-1)
+        out: F64 = power.T.reshape(-1)
+        return out
 
     # -- the signature ------------------------------------------------------
 
@@ -264,8 +265,13 @@ class PhysicsExtractor:
             _db(10 ** (excess[4 + 2 * k] / 10) + 10 ** (excess[5 + 2 * k] / 10)) - excess[1 + k]
             for k in range(3)
         ]
-        locked = np.concatenate([[shaft], (bpf * np.arange(1.0, 5.0))[:, None]
-                                 + np.array([-shaft, 0.0, shaft])[None, :]], axis=None)
+        locked = np.concatenate(
+            [
+                [shaft],
+                (bpf * np.arange(1.0, 5.0))[:, None] + np.array([-shaft, 0.0, shaft])[None, :],
+            ],
+            axis=None,
+        )
         out = {
             "bpf_db": float(height[1]),
             "shaft_db": float(height[0]),
@@ -275,7 +281,9 @@ class PhysicsExtractor:
         }
         for h, fh in enumerate(hum, start=1):
             clash = bool(np.any(np.abs(fh - locked) < np.maximum(1.5, 0.01 * locked)))
-            out[f"hum{h}_db"] = 0.0 if clash else float(np.clip(height[n_locked + h - 1], 0.0, 50.0))
+            out[f"hum{h}_db"] = (
+                0.0 if clash else float(np.clip(height[n_locked + h - 1], 0.0, 50.0))
+            )
         hum_excess = excess[n_locked:]
         out["hum2_re_hum1_db"] = float(np.clip(hum_excess[1] - hum_excess[0], -40.0, 40.0))
         out["hum3_re_hum1_db"] = float(np.clip(hum_excess[2] - hum_excess[0], -40.0, 40.0))
@@ -293,7 +301,9 @@ class PhysicsExtractor:
         q = int(0.3 * part.shape[0])
         steady = np.partition(part, q, axis=0)[q]
         centre = steady[5:-5]
-        sides = (steady[:-10] + steady[1:-9] + steady[2:-8] + steady[8:-2] + steady[9:-1] + steady[10:]) / 6
+        sides = (
+            steady[:-10] + steady[1:-9] + steady[2:-8] + steady[8:-2] + steady[9:-1] + steady[10:]
+        ) / 6
         return float(np.clip(np.max(centre - sides), 0.0, 30.0))
 
     def _envelope(self, log_mel: F64, shaft_hz: float) -> tuple[dict[str, float], F32]:
@@ -343,6 +353,7 @@ class PhysicsExtractor:
             "am_shaft_db": float(np.clip(_db20(am), -20.0, 40.0)),
         }, modulation
 
+
 class _Lines:
     """Line measurements on one fine power spectrum.
 
@@ -369,7 +380,9 @@ class _Lines:
         self._smooth = (self._cp[hi] - self._cp[lo]) / width_floor
         self._smooth_comb = (cc[hi] - cc[lo]) / width_floor
 
-    def _range(self, f: F64 | float, tol: F64 | None) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    def _range(
+        self, f: F64 | float, tol: F64 | None
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
         centre = np.atleast_1d(np.asarray(f, dtype=np.float64))
         tol = _tol(centre) if tol is None else tol
         n = self._smooth.size

@@ -35,17 +35,20 @@ class _Invoker:
 
         self.interp = Interpreter(model_path=str(model_path), num_threads=threads)
         self.interp.allocate_tensors()
-        inp = self.interp.get_input_details()[0]
         self.out_index = self.interp.get_output_details()[0]["index"]
-        self.in_index = inp["index"]
         rng = np.random.default_rng(0)
-        if inp["dtype"] == np.float32:
-            self.x: Any = (rng.standard_normal(inp["shape"]) * 20).astype(np.float32)
-        else:
-            self.x = rng.integers(-128, 128, size=inp["shape"]).astype(inp["dtype"])
+        # Every input (the MFCC window and, since format 2, the physics vector).
+        self.inputs: list[tuple[int, Any]] = []
+        for inp in self.interp.get_input_details():
+            if inp["dtype"] == np.float32:
+                x: Any = (rng.standard_normal(inp["shape"]) * 20).astype(np.float32)
+            else:
+                x = rng.integers(-128, 128, size=inp["shape"]).astype(inp["dtype"])
+            self.inputs.append((inp["index"], x))
 
     def once(self) -> None:
-        self.interp.set_tensor(self.in_index, self.x)
+        for index, x in self.inputs:
+            self.interp.set_tensor(index, x)
         self.interp.invoke()
         self.interp.get_tensor(self.out_index)
 
@@ -82,12 +85,14 @@ def measure(ctx: Context, threads: int) -> dict[str, list[float]]:
     pin_tf_threads(threads)
     from soundwatch.bundle import load_bundle
     from soundwatch.model import Classifier
+    from soundwatch.physics import FEATURE_NAMES
 
     fx = ctx.fixtures
     bundle = load_bundle(fx.bundle_dir)
     classifier = Classifier(bundle, threads=threads)
     rng = np.random.default_rng(1)
     window = (rng.standard_normal(bundle.input_shape[1:3]) * 20).astype(np.float32)
+    physics = np.zeros(len(FEATURE_NAMES), np.float32)
     model = load_reference_model(fx.reference_model)
     x = (rng.standard_normal((1, *REFERENCE_INPUT_SHAPE)) * 20).astype(np.float32)
     int8 = _Invoker(bundle.model_path, threads)
@@ -96,7 +101,7 @@ def measure(ctx: Context, threads: int) -> dict[str, list[float]]:
         "keras_predict": (lambda: reference_predict(model, x), ctx.reps(10, 5)),
         "keras_call": (lambda: reference_call(model, x), ctx.reps(20, 10)),
         "int8": (int8.once, lite_n),
-        "classifier_predict": (lambda: classifier.predict(window), lite_n),
+        "classifier_probabilities": (lambda: classifier.probabilities(window, physics), lite_n),
     }
     if fx.float_tflite is not None:
         fns["float32"] = (_Invoker(fx.float_tflite, threads).once, lite_n)
@@ -158,7 +163,7 @@ def run(ctx: Context) -> list[Row]:
             "1 thread: Classifier.predict vs Keras model(x)",
             "ms",
             t[1]["keras_call"],
-            t[1]["classifier_predict"],
+            t[1]["classifier_probabilities"],
             "soundwatch: soundwatch.model.Classifier(threads=1).predict(window): shape and "
             "finite checks, normalisation if the bundle has one, quantise, invoke, dequantise",
         ),

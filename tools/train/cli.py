@@ -145,7 +145,10 @@ def _parser() -> argparse.ArgumentParser:
         "--augment-copies",
         type=int,
         default=0,
-        help="augmented copies per training clip (the reference service made 1; the simulated world varies more than they do)",
+        help=(
+            "augmented copies per training clip (the reference service made 1; "
+            "the simulated world varies more than they do)"
+        ),
     )
     g.add_argument("--workers", type=int, default=2, help="feature/simulation processes")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

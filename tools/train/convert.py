@@ -35,9 +35,7 @@ F32 = npt.NDArray[np.float32]
 REPRESENTATIVE_WINDOWS = 400
 
 
-def representative_windows(
-    inputs: Inputs, y: npt.NDArray[np.int32], seed: int, n: int
-) -> Inputs:
+def representative_windows(inputs: Inputs, y: npt.NDArray[np.int32], seed: int, n: int) -> Inputs:
     """A class-balanced, seeded sample of (normalised) training windows."""
     rng = np.random.default_rng([seed, 1])
     classes = np.unique(y)

@@ -2,9 +2,10 @@
 
 Audio is decoded by :func:`soundwatch.audio.decode_audio` (soundfile, mono by
 channel mean, soxr HQ to 22.05 kHz, i.e. what ``librosa.load`` does) and turned
-into a window's MFCCs and physics by :meth:`soundwatch.features.FeatureExtractor.analyse`:
-the same code the device runs for a clip and for every streaming window. Work is cut into fixed shards of consecutive clips; each
-shard is cached as an ``.npz`` whose name hashes everything its content
+into a window's MFCCs and physics by
+:meth:`soundwatch.features.FeatureExtractor.analyse`: the same code the device
+runs for a clip and for every streaming window. Work is cut into fixed shards
+of consecutive clips; each shard is cached as an ``.npz`` whose name hashes everything its content
 depends on, so a repeated or interrupted run recomputes only what is missing,
 and the result is the same for any number of workers.
 """

@@ -216,8 +216,7 @@ def _batched(model: Any, x: list[F32]) -> F32:
     """``model(x)`` in inference mode, :data:`BATCH` windows at a time."""
     n = len(x[0])
     parts = [
-        np.asarray(model([a[i : i + BATCH] for a in x], training=False))
-        for i in range(0, n, BATCH)
+        np.asarray(model([a[i : i + BATCH] for a in x], training=False)) for i in range(0, n, BATCH)
     ]
     return np.concatenate(parts).astype(np.float32)
 

@@ -85,7 +85,8 @@ def parse_units(text: str) -> tuple[str, ...]:
 
 
 def parse_hold_out(items: list[str]) -> dict[str, tuple[str, ...]]:
-    """``["room=live", "noise=brown,white"]`` → ``{"room": ("live",), "noise": ("brown", "white")}``."""
+    """``["room=live", "noise=brown,white"]`` → ``{"room": ("live",), "noise": ("brown",
+    "white")}``."""
     from soundwatch.sim.dataset import event_families
 
     known = event_families()
@@ -94,7 +95,10 @@ def parse_hold_out(items: list[str]) -> dict[str, tuple[str, ...]]:
         key, sep, values = item.partition("=")
         choices = tuple(v.strip() for v in values.split(",") if v.strip())
         if not sep or key not in known or not choices:
-            raise ValueError(f"--hold-out {item!r}: expected family=choice[,choice] with family one of {sorted(known)}")
+            raise ValueError(
+                f"--hold-out {item!r}: expected family=choice[,choice] with family one of "
+                f"{sorted(known)}"
+            )
         bad = [c for c in choices if c not in known[key]]
         if bad:
             raise ValueError(f"--hold-out {item!r}: {bad} not in {key} ({', '.join(known[key])})")

@@ -545,9 +545,7 @@ def evaluate(cfg: TrainConfig) -> dict[str, Any]:
     return doc
 
 
-def evaluate_clip_set(
-    cfg: TrainConfig, root: Path, class_names: tuple[str, ...]
-) -> dict[str, Any]:
+def evaluate_clip_set(cfg: TrainConfig, root: Path, class_names: tuple[str, ...]) -> dict[str, Any]:
     """The candidate bundle on a labelled clip set rendered elsewhere.
 
     ``root/metadata.csv`` names each clip (``path``) and its class (``label``
@@ -577,7 +575,9 @@ def evaluate_clip_set(
     typical = _load_typical(cfg)
     chosen = probs.argmax(axis=1)
     unknown = (
-        np.asarray([typical.unknown(float(d), int(c)) for d, c in zip(distances, chosen, strict=True)])
+        np.asarray(
+            [typical.unknown(float(d), int(c)) for d, c in zip(distances, chosen, strict=True)]
+        )
         >= 0.5
     ) | ~np.asarray(valid)
     y_arr, snr_arr = np.asarray(y, dtype=np.int32), np.asarray(snr, dtype=np.int64)

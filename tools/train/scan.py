@@ -140,9 +140,7 @@ def _read_fault_metadata(root: Path) -> dict[str, dict[str, str]] | None:
         return {Path(row["path"]).as_posix(): row for row in reader}
 
 
-def _fault_of(
-    condition: str, rel: str, rows: dict[str, dict[str, str]] | None, meta: Path
-) -> str:
+def _fault_of(condition: str, rel: str, rows: dict[str, dict[str, str]] | None, meta: Path) -> str:
     if condition == "normal":
         return "normal"
     if rows is None:
@@ -160,7 +158,9 @@ def _extras(rel: str, rows: dict[str, dict[str, str]] | None) -> tuple[str, str]
     """``(fractions, families)`` of a clip from the simulator's metadata ("" without)."""
     row = (rows or {}).get(rel, {})
     families = " ".join(
-        f"{k.removeprefix('family_')}={v}" for k, v in sorted(row.items()) if k.startswith("family_")
+        f"{k.removeprefix('family_')}={v}"
+        for k, v in sorted(row.items())
+        if k.startswith("family_")
     )
     return row.get("fractions", ""), families
 

@@ -32,9 +32,11 @@ from pydantic import (
 )
 
 from soundwatch.config.yamlsrc import (
+    MAX_CONFIG_BYTES,
     ConfigSyntaxError,
     Located,
     apply_env_overrides,
+    decode_config,
     line_of,
     parse_yaml,
     substitute_env,
@@ -86,6 +88,12 @@ class MicSourceConfig(_Strict):
         10.0, gt=0, le=3600, description="constant signal for this long = unhealthy"
     )
     queue_blocks: int = Field(100, ge=2, le=10_000, description="capture queue bound (blocks)")
+    overflow_storm_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="blocks lost faster than the device makes them for this long = unhealthy",
+    )
 
 
 class FileSourceConfig(_Strict):
@@ -93,6 +101,9 @@ class FileSourceConfig(_Strict):
     path: Path
     loop: bool = False
     realtime: bool = Field(False, description="pace at real time instead of as fast as possible")
+    speed: float = Field(
+        1.0, gt=0, le=1000, description="with realtime: play this many times faster (drills)"
+    )
     block_s: float = Field(0.1, gt=0, le=10)
 
 
@@ -702,13 +713,18 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)  # no more than that, whatever the file is
         except OSError as e:
             raise ConfigError(source, [("(file)", None, f"cannot read: {e.strerror or e}")]) from e
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                source, [("(file)", None, f"larger than {MAX_CONFIG_BYTES} bytes: not a config")]
+            )
         try:
-            located = parse_yaml(text, source)
+            located = parse_yaml(decode_config(raw, source), source)
         except ConfigSyntaxError as e:
-            raise ConfigError(source, [("(syntax)", None, str(e))]) from e
+            raise ConfigError(source, [("(syntax)", e.line, str(e))]) from None
         if located.data is None:
             located = Located({}, located.lines)
         if not isinstance(located.data, dict):
@@ -726,6 +742,8 @@ def load_config(
         apply_env_overrides(data, env)
     except KeyError as e:
         raise ConfigError(source, [("(environment)", None, str(e.args[0]))]) from None
+    except ConfigSyntaxError as e:
+        raise ConfigError(source, [("(environment)", None, str(e))]) from None
     for key, value in (overrides or {}).items():
         _merge(data, key.split("."), value)
     return validate(data, source, located)

@@ -3,6 +3,15 @@
 Validation errors must name the key *and* the line, so the YAML is composed
 into nodes first: every mapping key keeps its position, and
 :func:`line_of` maps a pydantic error location back to the file.
+
+A config file is untrusted input, and YAML can describe more than plain
+values. Before anything is built from the nodes, :func:`_check_nodes` refuses,
+naming the line: a tag other than YAML's plain ones (``!!python/...``
+included: the loader is a ``SafeLoader`` anyway, this says so clearly), an
+alias that contains itself, nesting deeper than :data:`MAX_DEPTH`, and more
+than :data:`MAX_VALUES` values once aliases are expanded (an "alias bomb" of
+a few lines would otherwise grow to gigabytes in the env substitution and
+deep copies that follow). The file itself is at most :data:`MAX_CONFIG_BYTES`.
 """
 
 from __future__ import annotations
@@ -19,8 +28,28 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 ENV_PREFIX = "SOUNDWATCH__"
 
 
+# Far above any real config (the documented default.yaml is ~10 KiB and a
+# few hundred values), far below what could exhaust memory or time.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+# Tags of plain data (what yaml.SafeLoader builds, and the merge key `<<`).
+_PLAIN_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}"
+    for name in (
+        "null", "bool", "int", "float", "str", "binary", "timestamp",
+        "seq", "map", "omap", "pairs", "set", "merge",
+    )
+)  # fmt: skip
+
+
 class ConfigSyntaxError(ValueError):
-    """The YAML itself is malformed."""
+    """The YAML is malformed or not plain data; ``line`` (1-based) says where, if known."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 class ConfigLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
@@ -43,10 +72,27 @@ ConfigLoader.add_implicit_resolver(
 )
 
 
-def load_yaml_value(text: str) -> Any:
-    """One YAML document parsed like the config file is (for env values and tests)."""
-    # ConfigLoader is a SafeLoader: no Python tags.
-    return yaml.load(text, Loader=ConfigLoader)
+def load_yaml_value(text: str, source: str = "<value>") -> Any:
+    """One YAML document parsed like the config file is (for env values and tests).
+
+    Raises :class:`ConfigSyntaxError` for malformed YAML and for anything
+    :func:`parse_yaml` refuses.
+    """
+    return parse_yaml(text, source).data
+
+
+def decode_config(raw: bytes, source: str) -> str:
+    """The file's text; raises :class:`ConfigSyntaxError` (with the line) if it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigSyntaxError(
+            f"not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}, column {column} "
+            "cannot be decoded; save the file as UTF-8",
+            line,
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -58,19 +104,78 @@ class Located:
 
 
 def parse_yaml(text: str, source: str) -> Located:
-    """Parse YAML into plain data, recording the line of every key and item."""
+    """Parse YAML into plain data, recording the line of every key and item.
+
+    Raises :class:`ConfigSyntaxError` for malformed YAML and for what the
+    module docstring lists (tags, recursive aliases, depth, size).
+    """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigSyntaxError(
+            f"{len(text)} characters: a config file is at most {MAX_CONFIG_BYTES} bytes"
+        )
+    loader = ConfigLoader(text)
     try:
-        node = yaml.compose(text, Loader=ConfigLoader)
+        node = loader.get_single_node()
+        if node is None:
+            return Located({}, {})
+        _check_nodes(node)
+        data = loader.construct_document(node)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise ConfigSyntaxError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from e
-    if node is None:
-        return Located({}, {})
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigSyntaxError(f"invalid YAML: {getattr(e, 'problem', None) or e}", line) from e
+    except RecursionError:  # PyYAML composes recursively
+        raise ConfigSyntaxError(f"nested more than {MAX_DEPTH} levels deep") from None
+    finally:
+        loader.dispose()
     lines: dict[tuple[str | int, ...], int] = {}
     _walk(node, (), lines)
-    data = load_yaml_value(text)
     return Located(data, lines)
+
+
+def _check_nodes(root: yaml.Node) -> None:
+    """Refuse what is not plain, bounded data (module docstring), naming the line.
+
+    Visits the tree as it will be built, an alias once per use, so the
+    count is that of the values the data will hold.
+    """
+    seen = 0
+    # (node, depth, entering); a node is "open" between entering and leaving.
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, True)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, depth, entering = stack.pop()
+        if not entering:
+            open_nodes.discard(id(node))
+            continue
+        line = node.start_mark.line + 1
+        if node.tag not in _PLAIN_TAGS:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise ConfigSyntaxError(
+                f"tag {tag} is not allowed: a config holds plain values "
+                "(strings, numbers, booleans, lists, mappings)",
+                line,
+            )
+        if id(node) in open_nodes:
+            raise ConfigSyntaxError("an alias refers to a value that contains it (a cycle)", line)
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigSyntaxError(
+                f"more than {MAX_VALUES} values once aliases are expanded "
+                "(aliases of aliases: an 'alias bomb'?)",
+                line,
+            )
+        if depth > MAX_DEPTH:
+            raise ConfigSyntaxError(f"nested more than {MAX_DEPTH} levels deep", line)
+        if isinstance(node, yaml.ScalarNode):
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, depth, False))
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = list(node.value)
+        stack.extend((child, depth + 1, True) for child in reversed(children))
 
 
 def _walk(
@@ -132,7 +237,10 @@ def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str] | None = No
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not parts:
             continue
-        value = load_yaml_value(env[name]) if env[name] != "" else ""
+        try:
+            value = load_yaml_value(env[name], name) if env[name] != "" else ""
+        except ConfigSyntaxError as e:
+            raise ConfigSyntaxError(f"{name}: {e}") from None
         _set_path(data, parts, value, name)
         applied.append(".".join(parts))
     return applied

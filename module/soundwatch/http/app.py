@@ -14,8 +14,21 @@ pipeline must not wait behind an HTTP client. Nothing a request does can stop
 the pipeline; a request's failure ends as a JSON error for that request.
 
 Errors are JSON objects ``{"Error": message, "Code": code}`` with a status of
-400 (bad input), 401 (token), 404, 405, 413 (too large), 415 (not audio or
-not multipart) or 503 (busy). See ``openapi.yaml`` beside this file.
+400 (bad input, or a ``Host`` this server does not answer to), 401 (token),
+404, 405, 413 (too large), 415 (not audio or not multipart) or 503 (busy).
+See ``openapi.yaml`` beside this file.
+
+Access rules, checked before any route runs (:func:`_before`):
+
+- the ``Host`` header must be an IP address or a name in
+  :attr:`HttpSettings.allowed_hosts`: a web page whose DNS name is rebound to
+  127.0.0.1 would otherwise talk to a loopback server as if it were its own;
+- routes that change the module (:data:`WRITE_ENDPOINTS`) need a token
+  always: the configured one, or :attr:`HttpSettings.command_token` (generated
+  into the state directory when none is configured);
+- the other routes need the configured token, if any, except
+  :data:`PUBLIC_ENDPOINTS`; ``/health`` without it says only ``ok`` or
+  ``degraded`` (the full report names brokers, client ids, topics and paths).
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import ipaddress
 import logging
 import math
 import queue
@@ -40,7 +54,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from soundwatch import __version__
 from soundwatch.audio import AudioError
-from soundwatch.classify import Classification, ClipClassifier
+from soundwatch.classify import ClipClassifier
 from soundwatch.control import (
     MAX_COMMAND_BYTES,
     CommandRequest,
@@ -74,6 +88,9 @@ UPLOAD_FIELD = "file"
 # no token), the page and its assets (they fetch their data through the
 # protected routes), the README and the API description.
 PUBLIC_ENDPOINTS = frozenset({"health", "index", "static", "docs", "docs_page", "openapi"})
+# Routes that change the module: a token always, even on an open loopback server
+# (any local process or web page could otherwise reconfigure detection).
+WRITE_ENDPOINTS = frozenset({"config", "command"})
 
 
 @dataclass(frozen=True)
@@ -87,14 +104,25 @@ class HttpSettings:
     classifiers: int = 2
     classifier_wait_s: float = 30.0
     readme_path: Path | None = None
+    # The token of the state-changing routes when `token` is None (generated
+    # into the state directory); without either they refuse every request.
+    command_token: str | None = None
+    # Host header names answered besides IP addresses; "*" answers any.
+    allowed_hosts: frozenset[str] = frozenset({"localhost"})
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1024:
             raise ValueError("max_upload_bytes must be at least 1 KiB")
         if self.classifiers < 1:
             raise ValueError("classifiers must be >= 1")
-        if self.token is not None and not self.token.strip():
-            raise ValueError("the bearer token must not be empty")
+        for token in (self.token, self.command_token):
+            if token is not None and not token.strip():
+                raise ValueError("the bearer token must not be empty")
+
+    @property
+    def write_token(self) -> str | None:
+        """What the state-changing routes require."""
+        return self.token if self.token is not None else self.command_token
 
     @property
     def max_request_bytes(self) -> int:
@@ -246,19 +274,77 @@ def api_of(app: Flask) -> Api:
 
 def _before(api: Api) -> None:
     g.started = time.perf_counter()
-    token = api.settings.token
-    if token is None or request.endpoint in PUBLIC_ENDPOINTS or request.endpoint is None:
+    _check_host(api.settings.allowed_hosts)
+    endpoint = request.endpoint
+    if endpoint is None:
         return
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise ApiError(
-            401,
-            "unauthorized",
-            "this route needs 'Authorization: Bearer <token>' (see SOUNDWATCH_HTTP_TOKEN)",
-            {"WWW-Authenticate": 'Bearer realm="soundwatch"'},
+    if endpoint in WRITE_ENDPOINTS:
+        _require_token(
+            api.settings.write_token,
+            "this route changes the module and needs 'Authorization: Bearer <token>': "
+            "the server's token, or the one it wrote to its state directory (see its log)",
         )
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    elif api.settings.token is not None and endpoint not in PUBLIC_ENDPOINTS:
+        _require_token(
+            api.settings.token,
+            "this route needs 'Authorization: Bearer <token>' (see SOUNDWATCH_HTTP_TOKEN)",
+        )
+
+
+def _check_host(allowed: frozenset[str]) -> None:
+    """Refuse a ``Host`` that is neither an IP address nor an allowed name (DNS rebinding)."""
+    if "*" in allowed:
+        return
+    host = request.headers.get("Host")
+    if host is None:  # HTTP/1.0 without Host: no browser sends that
+        return
+    name = host.strip().lower()
+    if name.startswith("["):  # [IPv6]:port
+        name = name[1 : name.find("]")] if "]" in name else name
+    else:
+        name = name.rpartition(":")[0] if ":" in name else name
+    name = name.rstrip(".")
+    if name in allowed or _is_ip(name):
+        return
+    raise ApiError(
+        400,
+        "bad_host",
+        f"this server does not answer to the host name {name!r} (a page whose name was "
+        "re-pointed at this address must not reach the API); use its IP address, or allow "
+        "the name with --http-allowed-hosts or SOUNDWATCH_HTTP_ALLOWED_HOSTS",
+    )
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _given_token() -> str | None:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return None
+    return given.strip()
+
+
+def _token_matches(expected: str | None) -> bool:
+    given = _given_token()
+    return (
+        expected is not None
+        and given is not None
+        and hmac.compare_digest(given.encode(), expected.encode())
+    )
+
+
+def _require_token(expected: str | None, missing_message: str) -> None:
+    if _given_token() is None or expected is None:
+        raise ApiError(
+            401, "unauthorized", missing_message, {"WWW-Authenticate": 'Bearer realm="soundwatch"'}
+        )
+    if not _token_matches(expected):
         raise ApiError(
             401,
             "unauthorized",
@@ -345,7 +431,13 @@ def _too_large_message(limit: int) -> str:
 
 def _health(api: Api) -> tuple[Response, int]:
     doc = _json_safe(api.health())
-    return jsonify(doc), 200 if doc.get("healthy") else 503
+    status = 200 if doc.get("healthy") else 503
+    if api.settings.token is not None and not _token_matches(api.settings.token):
+        # The probe needs no token; the report's details (brokers, client ids,
+        # topics, paths) are for those who have it.
+        ok = doc.get("healthy") and not doc.get("degraded")
+        return jsonify({"status": "ok" if ok else "degraded"}), status
+    return jsonify(doc), status
 
 
 def _index(api: Api) -> str:
@@ -470,7 +562,10 @@ def _run_command(api: Api, route: str, default: str | None, name: str | None = N
         check_nesting(args)
         return CommandRequest(name, args, "http", origin)
 
-    result = runtime.control.call("http", origin, parse)
+    control = runtime.control
+    if control is None:  # the runtime is still being built: commands are not taken yet
+        raise ApiError(503, "starting", "the module is starting: try again in a moment")
+    result = control.call("http", origin, parse)
     response = jsonify(_json_safe(result.to_json()))
     response.status_code = _COMMAND_STATUS.get(result.status, 503)
     if result.retry_after_s is not None:

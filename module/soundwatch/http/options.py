@@ -6,7 +6,11 @@ The command line (:mod:`soundwatch.cli`) reads them with the same names for
 - a token comes from ``--http-token`` or ``SOUNDWATCH_HTTP_TOKEN``;
 - ``--http-no-auth`` or ``SOUNDWATCH_HTTP_AUTH=none`` turns it off explicitly;
 - with neither, the server binds loopback addresses only, so an open API
-  never reaches a plant network by accident.
+  never reaches a plant network by accident;
+- the routes that change the module need a token in every case: without a
+  configured one, ``soundwatch run`` writes a random one to
+  ``<state_dir>/http-command-token`` (mode 0600) and logs where
+  (:func:`command_token`).
 
 What "refused" means depends on the command. ``serve`` exists only to serve
 the API, so it refuses an unsafe bind (a usage error). ``run`` and ``mic``
@@ -14,10 +18,11 @@ carry the audio pipeline, which an HTTP setting must never stop (a container
 under ``restartPolicy: always`` would restart forever): without a usable
 token they serve on loopback instead of the address asked for
 (:attr:`HttpOptions.restricted` says why; health reports it under ``http``),
-which still answers the container's HEALTHCHECK and ``docker exec``. Which
-routes a token guards, and any token generated into ``state_dir``, are the
-app's business (:mod:`soundwatch.http.app`); this module only decides where
-the server listens.
+which still answers the container's HEALTHCHECK and ``docker exec``.
+
+The ``Host`` header must be an IP address, ``localhost``, the bound host
+name, this machine's host name (on a non-loopback bind) or a name given with
+``--http-allowed-hosts`` / ``SOUNDWATCH_HTTP_ALLOWED_HOSTS`` (``*``: any).
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
+import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "SOUNDWATCH_HTTP_TOKEN"
 AUTH_ENV = "SOUNDWATCH_HTTP_AUTH"
+ALLOWED_HOSTS_ENV = "SOUNDWATCH_HTTP_ALLOWED_HOSTS"
 DEFAULT_ADDRESS = "127.0.0.1:5000"
+COMMAND_TOKEN_FILE = "http-command-token"
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?$")
 
 
 class HttpConfigError(ValueError):
@@ -55,6 +67,8 @@ class HttpOptions:
     max_upload_bytes: int
     upload_timeout_s: float
     classifiers: int
+    # Host header names answered besides IP addresses, localhost and the bound name.
+    allowed_hosts: tuple[str, ...] = ()
     # The address asked for, and why the server listens elsewhere (loopback), if it does.
     requested: str = ""
     restricted: str | None = None
@@ -157,6 +171,7 @@ def http_options(
     max_upload_mb: float | None = None,
     upload_timeout_s: float | None = None,
     classifiers: int | None = None,
+    allowed_hosts: str | None = None,
     env: Mapping[str, str] | None = None,
     loopback_without_token: bool = False,
 ) -> HttpOptions:
@@ -208,7 +223,62 @@ def http_options(
         classifiers=int(classifiers if classifiers is not None else min(2, os.cpu_count() or 1)),
         requested=requested,
         restricted=restricted,
+        allowed_hosts=parse_allowed_hosts(
+            allowed_hosts if allowed_hosts is not None else env.get(ALLOWED_HOSTS_ENV, "")
+        ),
     )
+
+
+def parse_allowed_hosts(text: str) -> tuple[str, ...]:
+    """``name,name,...`` (or ``*``) into lower-case host names; raises :class:`HttpConfigError`."""
+    names = tuple(n.strip().lower().rstrip(".") for n in text.split(",") if n.strip())
+    for name in names:
+        if name != "*" and not _HOST_NAME.match(name):
+            raise HttpConfigError(
+                f"--http-allowed-hosts: {name!r} is not a host name (give names only, "
+                "without scheme or port, separated by commas; * allows any)"
+            )
+    return names
+
+
+def answered_hosts(options: HttpOptions) -> frozenset[str]:
+    """The Host names the server answers to besides IP addresses (see the module docstring)."""
+    names = {"localhost", *options.allowed_hosts}
+    host = options.host.lower()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        names.add(host)  # bound by name
+    if not is_loopback(host):
+        names.add(socket.gethostname().lower())
+    return frozenset(names)
+
+
+def command_token(state_dir: Path) -> Path:
+    """The token file for the state-changing routes in ``state_dir``, made if missing.
+
+    A random token (256 bits) in a file only its owner can read; an existing
+    one is kept, so scripts that read it keep working across restarts. Raises
+    ``OSError`` when the directory is not writable.
+    """
+    path = state_dir / COMMAND_TOKEN_FILE
+    try:
+        if path.stat().st_mode & 0o077 == 0 and len(path.read_text().strip()) >= 32:
+            return path
+        logger.warning("%s is unusable (readable by others, or too short): replacing it", path)
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask, and if tmp existed
+        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
 
 
 def build_server(
@@ -222,10 +292,26 @@ def build_server(
     from soundwatch.http.app import HttpSettings, create_app
     from soundwatch.http.server import HttpServer, ServerLimits
 
+    generated: str | None = None
+    if options.token is None and runtime is not None:
+        try:
+            path = command_token(runtime.config.state_dir)
+        except OSError as e:
+            # Commands then stay refused (401): never open them instead.
+            logger.error("HTTP: cannot write a command token to the state directory: %s", e)
+        else:
+            generated = path.read_text().strip()
+            logger.info(
+                "HTTP: PATCH /config and POST /commands/* need 'Authorization: Bearer <token>'; "
+                "no token was set, so it is the one in %s",
+                path,
+            )
     settings = HttpSettings(
         token=options.token,
         max_upload_bytes=options.max_upload_bytes,
         classifiers=options.classifiers,
+        command_token=generated,
+        allowed_hosts=answered_hosts(options),
     )
     app = create_app(bundle, runtime=runtime, settings=settings)
     limits = ServerLimits(

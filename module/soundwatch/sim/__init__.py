@@ -71,10 +71,10 @@ def typical_recording(
 
 __all__ = [
     "CLASSES",
-    "TYPICAL",
     "EVENT_KINDS",
     "FAMILIES",
     "STATES",
+    "TYPICAL",
     "UNNAMED_FAULTS",
     "Faults",
     "Mixture",

@@ -39,7 +39,9 @@ def _schedule(text: str) -> list[tuple[str, float]]:
         except ValueError:
             value = -1.0
         if value <= 0:
-            raise argparse.ArgumentTypeError(f"bad schedule item {item.strip()!r}: seconds must be > 0")
+            raise argparse.ArgumentTypeError(
+                f"bad schedule item {item.strip()!r}: seconds must be > 0"
+            )
         out.append((name, value))
     return out
 
@@ -69,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--workers", type=int, default=1)
     r = sub.add_parser("recording", help="one long recording of one unit")
-    r.add_argument("--out", type=Path, required=True, help="WAV path (a .json sidecar is written too)")
+    r.add_argument(
+        "--out", type=Path, required=True, help="WAV path (a .json sidecar is written too)"
+    )
     r.add_argument("--schedule", type=_schedule, required=True)
     r.add_argument("--unit", type=int, default=7)
     r.add_argument("--snr", type=float, default=6.0)
@@ -110,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sample_rate_hz=args.rate,
         ),
     )
-    logging.info("wrote %s (%.0f s) and %s", args.out, truth["duration_s"], json.dumps(truth["families"]))
+    logging.info(
+        "wrote %s (%.0f s) and %s", args.out, truth["duration_s"], json.dumps(truth["families"])
+    )
     return 0
 
 

@@ -136,7 +136,7 @@ def plan_clips(root: Path, plan: ClipPlan, seed: int) -> list[ClipJob]:
                     rng = rng_for(TAG_PLAN, clip_seed)
                     schedule, ramp = _schedule(rng, state, plan)
                     if snr is None:
-                        snr_value: float | None = float(rng.uniform(-10.0, 12.0))
+                        snr_value = float(rng.uniform(-10.0, 12.0))
                     else:
                         snr_value = float(snr)
                     split = "normal" if state == "normal" else "abnormal"
@@ -171,10 +171,11 @@ def _schedule(
     if plan.short and rng.random() < plan.short:
         duration = float(rng.uniform(1.0, 0.9 * plan.duration_s))
     if plan.straddle and rng.random() < plan.straddle:
-        # A change between normal and a fault (either way), ramping over up to
-        # 4 s; ``state`` keeps the larger share, so the clip's folder and its
+        # A change between normal and a fault (either way), ramping over
+        # 0.5–4 s as a machine's sound does (a gain change is instant);
+        # ``state`` keeps the larger share, so the clip's folder and its
         # majority label agree (its soft label has both shares).
-        ramp = float(rng.uniform(0.2, min(4.0, 0.3 * duration)))
+        ramp = float(rng.uniform(0.5, min(4.0, 0.3 * duration)))
         other = "normal" if state != "normal" else str(rng.choice(FAULTS))
         if rng.random() < 0.5:
             change = float(rng.uniform(0.55, 0.9)) * duration
@@ -287,7 +288,7 @@ def write_recording(wav: Path, plan: RecordingPlan, block_s: float = 10.0) -> di
     for state, _ in plan.schedule:
         if state not in STATES:
             raise ValueError(f"unknown state {state!r} (one of {', '.join(STATES)})")
-    take, total = recording_take(plan)
+    take, _ = recording_take(plan)
     rate = plan.sample_rate_hz
     stream = Stream(
         take, plan.schedule, plan.seed, rate, ramp_s=plan.ramp_s, loop=False, drift_db=plan.drift_db
@@ -310,7 +311,11 @@ def write_recording(wav: Path, plan: RecordingPlan, block_s: float = 10.0) -> di
             for s in stream.segments
         ],
         "events": [
-            {"kind": e.kind, "start_s": round(e.start_s, 3), "end_s": round(e.start_s + e.duration_s, 3)}
+            {
+                "kind": e.kind,
+                "start_s": round(e.start_s, 3),
+                "end_s": round(e.start_s + e.duration_s, 3),
+            }
             for e in take.scene.events
         ],
         "families": dict(take.families),

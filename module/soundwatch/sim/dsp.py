@@ -78,12 +78,12 @@ def design_fir(magnitude_db: F64, n_taps: int) -> F64:
     if magnitude_db.shape != (n_bins,):
         raise ValueError(f"magnitude has {magnitude_db.shape}, expected ({n_bins},)")
     impulse = np.fft.irfft(10.0 ** (magnitude_db / 20.0), n_taps)
-    return np.roll(impulse, n_taps // 2) * np.hanning(n_taps + 1)[:n_taps]
+    return np.asarray(np.roll(impulse, n_taps // 2) * np.hanning(n_taps + 1)[:n_taps], np.float64)
 
 
 def bin_freqs(n_taps: int, sample_rate_hz: int) -> F64:
     """Bin centres in Hz of a filter designed with ``n_taps`` taps."""
-    return np.fft.rfftfreq(n_taps, 1.0 / sample_rate_hz)
+    return np.asarray(np.fft.rfftfreq(n_taps, 1.0 / sample_rate_hz), np.float64)
 
 
 def filter_taps(sample_rate_hz: int, seconds: float = FILTER_S) -> int:
@@ -158,7 +158,9 @@ class ColouredNoise:
             new = np.fft.irfft(spectra, self._frame, axis=1).astype(np.float32) * self._window
             self._bank = np.concatenate([self._bank, new])[-(last - first + 2) :]
             self._made = last
-        return self._bank[len(self._bank) - (self._made - first + 1) : len(self._bank) - (self._made - last)]
+        return self._bank[
+            len(self._bank) - (self._made - first + 1) : len(self._bank) - (self._made - last)
+        ]
 
     def read(self, n: int) -> F32:
         s0, s1 = self._n, self._n + n
@@ -208,7 +210,9 @@ def bumps_db(freqs_hz: F64, bumps: Sequence[tuple[float, float, float]]) -> F64:
 def band_db(freqs_hz: F64, centre_hz: float, width_hz: float) -> F64:
     """A Gaussian band in dB (−3 dB full width ``width_hz``), floor −120 dB."""
     sigma = max(width_hz, 1e-3) / 2.3548
-    return np.maximum(-120.0, 10.0 * np.log10(np.exp(-0.5 * ((freqs_hz - centre_hz) / sigma) ** 2) + 1e-12))
+    return np.maximum(
+        -120.0, 10.0 * np.log10(np.exp(-0.5 * ((freqs_hz - centre_hz) / sigma) ** 2) + 1e-12)
+    )
 
 
 class Smoothed:

@@ -201,7 +201,9 @@ def fan_state(unit: Unit, faults: Faults, state: str) -> FanState:
         fundamental = unit.hum_amps[0]
         hum = tuple(
             a * g + fundamental * n
-            for a, g, n in zip(unit.hum_amps, faults.voltage_hum_gains, faults.voltage_hum_new, strict=True)
+            for a, g, n in zip(
+                unit.hum_amps, faults.voltage_hum_gains, faults.voltage_hum_new, strict=True
+            )
         )
         return replace(base, hum_amps=hum)
     if state == "bearing":
@@ -231,7 +233,9 @@ class Track:
 
     __slots__ = ("_const", "_fp", "_xp")
 
-    def __init__(self, values: Sequence[float], segments: Sequence[Segment], wrap: bool = False) -> None:
+    def __init__(
+        self, values: Sequence[float], segments: Sequence[Segment], wrap: bool = False
+    ) -> None:
         xp: list[float] = []
         fp: list[float] = []
         if wrap and values[-1] != values[0]:
@@ -310,7 +314,13 @@ class Voice:
             rng_for(TAG_JITTER, seed), unit.jitter_rms, unit.jitter_tau_s, sample_rate_hz, 0.05
         )
         self._flutter = (
-            Smoothed(rng_for(TAG_DRIFT, seed, 1), unit.flutter_rms, unit.flutter_tau_s, sample_rate_hz, 0.01)
+            Smoothed(
+                rng_for(TAG_DRIFT, seed, 1),
+                unit.flutter_rms,
+                unit.flutter_tau_s,
+                sample_rate_hz,
+                0.01,
+            )
             if unit.flutter_rms > 0
             else None
         )
@@ -407,16 +417,21 @@ class Voice:
             blade *= (1.0 + self._flutter.read(cycles.size)).astype(np.float32)
         acc += blade
         for i, tone in enumerate(unit.extra_tones):
-            where = cycles * tone.order if tone.order > 0 else np.arange(s0, s1) * (tone.freq_hz / self.rate)
+            where = np.asarray(
+                cycles * tone.order
+                if tone.order > 0
+                else np.arange(s0, s1) * (tone.freq_hz / self.rate),
+                np.float64,
+            )
             acc += np.float32(tone.amp) * (coef[8 + HUM_HARMONICS + i] * phasor(where)).imag
         hum = phasor(np.arange(s0, s1, dtype=np.float64) * (MAINS_HZ / self.rate))
-        zk = hum
+        zh = hum
         for h, track in enumerate(self.hum_tracks, start=1):
             if h > 1:
-                zk = zk * hum
-            amp = track.block(s0, s1)
-            if not _is_zero(amp):
-                acc += _scale((coef[7 + h] * zk).imag, amp)
+                zh = zh * hum
+            level = track.block(s0, s1)
+            if not _is_zero(level):
+                acc += _scale((coef[7 + h] * zh).imag, level)
         return acc
 
 
@@ -443,7 +458,9 @@ class _Impacts:
             )
         if tracks["rub_amp"].ever_nonzero:
             frame = noise_frame(rate, 16.0)
-            shape = band_db(bin_freqs(frame, rate), faults.rubbing_band_hz, faults.rubbing_band_hz * 0.8)
+            shape = band_db(
+                bin_freqs(frame, rate), faults.rubbing_band_hz, faults.rubbing_band_hz * 0.8
+            )
             self._rub = ColouredNoise((TAG_IMPACTS, seed, 1), shape, frame)
 
     def retrack(self, tracks: dict[str, Track]) -> None:

@@ -39,7 +39,9 @@ STREAM_CREST_DB: Final = 13.0
 
 
 def schedule_segments(
-    schedule: Sequence[tuple[str, float]], rate: int, ramp_s: float | Sequence[float] = DEFAULT_RAMP_S
+    schedule: Sequence[tuple[str, float]],
+    rate: int,
+    ramp_s: float | Sequence[float] = DEFAULT_RAMP_S,
 ) -> tuple[Segment, ...]:
     """Sample-exact segments of ``[(state, seconds), ...]``.
 

@@ -31,8 +31,8 @@ from soundwatch.sim.dsp import (
     design_fir,
     filter_taps,
     highpass_db,
-    noise_frame,
     lowpass_db,
+    noise_frame,
     phasor,
     power,
     rng_for,
@@ -228,8 +228,8 @@ def _image_source_ir(rng: np.random.Generator, room: Room, rate: int) -> F64:
     np.add.at(ir, np.minimum(i0 + 1, length - 1), a * frac)
     # The diffuse tail carries what higher orders would, decaying by 60 dB over RT60.
     start = int(d[a < 0.999].min()) if np.any(a < 0.999) else 1
-    n = np.arange(length - start, dtype=np.float64)
-    tail = rng.standard_normal(n.size) * 10.0 ** (-3.0 * n / (room.rt60_s * rate))
+    after = np.arange(length - start, dtype=np.float64)
+    tail = rng.standard_normal(after.size) * 10.0 ** (-3.0 * after / (room.rt60_s * rate))
     reflected = float(np.square(ir[1:]).sum())
     tail *= math.sqrt(max(reflected, 1e-6) * beta**6 / max(1e-12, float(np.square(tail).sum())))
     ir[start:] += tail
@@ -263,7 +263,9 @@ class BackgroundVoice:
         )
         rng = rng_for(TAG_BACKGROUND, seed, 1)
         self._tones = [
-            (t, rng.random(3)) for t in background.tones if t.freq_hz * 3 < rate / 2 or t.freq_hz < rate / 2
+            (t, rng.random(3))
+            for t in background.tones
+            if t.freq_hz * 3 < rate / 2 or t.freq_hz < rate / 2
         ]
         tone_power = sum(
             db_amp(2 * t.level_db) * (1 + db_amp(2 * t.h2_db) + db_amp(2 * t.h3_db)) / 2
@@ -273,7 +275,13 @@ class BackgroundVoice:
         self._rate = rate
         self._n = 0
         self._wander = (
-            Smoothed(rng_for(TAG_BACKGROUND, seed, 2), background.wander_db, background.wander_tau_s, rate, 0.02)
+            Smoothed(
+                rng_for(TAG_BACKGROUND, seed, 2),
+                background.wander_db,
+                background.wander_tau_s,
+                rate,
+                0.02,
+            )
             if background.wander_db > 0
             else None
         )
@@ -290,7 +298,9 @@ class BackgroundVoice:
                 if k > 1:
                     zk = zk * z
                 if tone.freq_hz * k < self._rate / 2:
-                    coef = np.complex64(db_amp(tone.level_db + rel_db) * np.exp(2j * np.pi * phase[k - 1]))
+                    coef = np.complex64(
+                        db_amp(tone.level_db + rel_db) * np.exp(2j * np.pi * phase[k - 1])
+                    )
                     x += (coef * zk).imag
         self._n += n
         return x * np.float32(self._gain)
@@ -354,7 +364,9 @@ def _hammer(rng: np.random.Generator, n: int, rate: int) -> F64:
 def _clatter(rng: np.random.Generator, n: int, rate: int) -> F64:
     x = np.zeros(n)
     for _ in range(int(rng.integers(8, 40))):
-        _place(x, _impact(rng, rate, 800.0, 6000.0) * rng.uniform(0.2, 1.0), int(rng.integers(0, n)))
+        _place(
+            x, _impact(rng, rate, 800.0, 6000.0) * rng.uniform(0.2, 1.0), int(rng.integers(0, n))
+        )
     return x
 
 
@@ -397,11 +409,16 @@ def _truck(rng: np.random.Generator, n: int, rate: int) -> F64:
     t = np.arange(n) / rate
     f0 = rng.uniform(25.0, 60.0) * (1 + rng.uniform(-0.08, 0.08) * (t / max(t[-1], 1e-9) - 0.5))
     cycles = np.cumsum(f0) / rate
-    engine = sum(
-        rng.uniform(0.2, 1.0) / k * np.sin(2 * np.pi * k * cycles + rng.uniform(0, 6.3))
-        for k in range(1, int(rng.integers(3, 9)))
+    engine: F64 = sum(
+        (
+            rng.uniform(0.2, 1.0) / k * np.sin(2 * np.pi * k * cycles + rng.uniform(0, 6.3))
+            for k in range(1, int(rng.integers(3, 9)))
+        ),
+        np.zeros(n),
     )
-    mix = rumble / math.sqrt(power(rumble) or 1) + rng.uniform(0.2, 1.0) * engine / math.sqrt(power(engine) or 1)
+    mix = rumble / math.sqrt(power(rumble) or 1) + rng.uniform(0.2, 1.0) * engine / math.sqrt(
+        power(engine) or 1
+    )
     return mix * _envelope(n, rng)
 
 
@@ -423,7 +440,11 @@ def _speech(rng: np.random.Generator, n: int, rate: int) -> F64:
         cycles = np.cumsum(f0) / rate
         pulses = np.diff(np.floor(cycles), prepend=np.floor(cycles[0])) > 0
         source = pulses.astype(np.float64) + 0.05 * rng.standard_normal(k)
-        formants = [(rng.uniform(300, 850), 12.0, 0.3), (rng.uniform(850, 2300), 8.0, 0.25), (rng.uniform(2300, 3200), 4.0, 0.2)]
+        formants = [
+            (rng.uniform(300, 850), 12.0, 0.3),
+            (rng.uniform(850, 2300), 8.0, 0.25),
+            (rng.uniform(2300, 3200), 4.0, 0.2),
+        ]
         shape = bumps_db(freqs, formants) - 6 * np.log2(np.maximum(freqs, 50) / 100)
         voiced = Fir(design_fir(shape, taps)).process(source).astype(np.float64)
         x[at : at + k] += voiced * np.hanning(k) ** 0.5
@@ -451,7 +472,9 @@ def _hiss(rng: np.random.Generator, n: int, rate: int) -> F64:
     """Compressed air: bright noise with soft on/off."""
     frame = noise_frame(rate, 32.0)
     freqs = bin_freqs(frame, rate)
-    shape = highpass_db(freqs, rng.uniform(800, 3000), 2) + lowpass_db(freqs, rng.uniform(4000, 7500), 2)
+    shape = highpass_db(freqs, rng.uniform(800, 3000), 2) + lowpass_db(
+        freqs, rng.uniform(4000, 7500), 2
+    )
     key = (TAG_EVENT, int(rng.integers(0, 2**31)))
     x = ColouredNoise(key, shape, frame).read(n).astype(np.float64)
     ramp = min(n // 2, int(0.05 * rate))
@@ -489,9 +512,14 @@ class EventTrack:
         """The next ``n`` samples (unscaled: amplitude re unit background), or None if silent."""
         s0, s1 = self._n, self._n + n
         self._n = s1
-        while self._next < len(self._events) and round(self._events[self._next].start_s * self._rate) < s1:
+        while (
+            self._next < len(self._events)
+            and round(self._events[self._next].start_s * self._rate) < s1
+        ):
             e = self._events[self._next]
-            self._active.append((round(e.start_s * self._rate), render_event(e, self._rate), db_amp(e.level_db)))
+            self._active.append(
+                (round(e.start_s * self._rate), render_event(e, self._rate), db_amp(e.level_db))
+            )
             self._next += 1
         if not self._active:
             return None

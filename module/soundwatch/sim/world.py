@@ -88,7 +88,8 @@ def draw_unit(unit_id: int, seed: int = 0) -> Unit:
     flat up to a knee (1–600 Hz) and falling with a slope of 0.3–1.8 above
     it, with its own band limits and bumps, up to ten other steady lines of
     the unit as real fans have (shaft-locked at orders that are not
-    blade-pass sidebands, or fixed), 0.2–1 % speed jitter and 0–12 % flutter of the blade-pass tones.
+    blade-pass sidebands, or fixed), 0.2–1 % speed jitter and 0–12 % flutter of the
+    blade-pass tones.
     """
     if unit_id < 0 or seed < 0:
         raise ValueError("unit_id and seed must be non-negative")
@@ -101,7 +102,9 @@ def draw_unit(unit_id: int, seed: int = 0) -> Unit:
     for _ in range(2):
         hum.append(hum[-1] * db_amp(-_u(rng, 2.0, 12.0)))
     faint = rng.random() < 1 / 3
-    hum += [hum[0] * db_amp(-_u(rng, 22.0, 40.0)) if faint else 0.0 for _ in range(3, HUM_HARMONICS)]
+    hum += [
+        hum[0] * db_amp(-_u(rng, 22.0, 40.0)) if faint else 0.0 for _ in range(3, HUM_HARMONICS)
+    ]
     extra = []
     for _ in range(int(rng.integers(0, 11))):
         amp = db_amp(_u(rng, -32.0, -3.0))
@@ -269,7 +272,10 @@ _EVENT_DURATION_S: Final = {
 
 
 def draw_event(
-    rng: np.random.Generator, kind: str, start_s: float, level_db: tuple[float, float] = (-3.0, 15.0)
+    rng: np.random.Generator,
+    kind: str,
+    start_s: float,
+    level_db: tuple[float, float] = (-3.0, 15.0),
 ) -> Event:
     """One background event of ``kind`` starting at ``start_s`` (level re the steady background)."""
     return Event(
@@ -322,7 +328,11 @@ def draw_take(
     only = only or {}
 
     def family(key: str, choices: Sequence[str]) -> str:
-        allowed = [c for c in choices if c not in exclude.get(key, ()) and (key not in only or c in only[key])]
+        allowed = [
+            c
+            for c in choices
+            if c not in exclude.get(key, ()) and (key not in only or c in only[key])
+        ]
         if not allowed:
             raise ValueError(f"every {key} family is excluded")
         return str(allowed[int(rng.integers(0, len(allowed)))])
@@ -331,7 +341,11 @@ def draw_take(
     faults = draw_faults(rng, fams["strength"])
     agc = None
     if fams["agc"] == "on":
-        agc = Agc(target_dbfs=_u(rng, -32.0, -15.0), time_s=_u(rng, 0.3, 3.0), max_gain_db=_u(rng, 6.0, 20.0))
+        agc = Agc(
+            target_dbfs=_u(rng, -32.0, -15.0),
+            time_s=_u(rng, 0.3, 3.0),
+            max_gain_db=_u(rng, 6.0, 20.0),
+        )
     snr = _u(rng, -10.0, 12.0) if snr_db is None else float(snr_db)
     peak = _u(rng, -42.0, -3.0)
     events: list[Event] = []
@@ -351,7 +365,9 @@ def draw_take(
                 )
         if rng.random() < mixture.level_step:
             step = _u(rng, 3.0, 15.0) * float(rng.choice([-1.0, 1.0]))
-            impairments.append(Impairment("level_step", _u(rng, 0.5, duration_s - 0.5), gain_db=step))
+            impairments.append(
+                Impairment("level_step", _u(rng, 0.5, duration_s - 0.5), gain_db=step)
+            )
         if rng.random() < mixture.clipping:
             start = _u(rng, 0.0, duration_s) if rng.random() < 0.5 else 0.0
             impairments.append(

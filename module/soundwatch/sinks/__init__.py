@@ -18,6 +18,7 @@ from soundwatch.sinks.base import (
     SinkConfigError,
     SinkContext,
     SinkError,
+    SinkKept,
     resolved,
     sink_error,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "SinkConfigError",
     "SinkContext",
     "SinkError",
+    "SinkKept",
     "available_sink_types",
     "make_sink",
     "register_sink",

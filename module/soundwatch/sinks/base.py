@@ -45,6 +45,13 @@ class SinkError(Exception):
     """
 
 
+class SinkKept(SinkError):
+    """Not delivered before the sink closed, but stored durably: sent after the next start.
+
+    Not a loss: the run that ends with it still counts the event as kept.
+    """
+
+
 class SinkConfigError(SinkError, ValueError):
     """A sink cannot be built from its configuration (a missing package, a bad file)."""
 

@@ -384,7 +384,7 @@ class MqttSink(OutboxSink):
         info = self._client.publish(
             self.topics["status"], "offline", qos=1, retain=self.config.retain
         )
-        deadline = time.monotonic() + _OFFLINE_ACK_WAIT_S
+        deadline = time.monotonic() + self._time_left_s(_OFFLINE_ACK_WAIT_S)
         others: list[int] = []
         while time.monotonic() < deadline and not self._lost:
             try:
@@ -397,10 +397,6 @@ class MqttSink(OutboxSink):
         for mid in others:  # events acknowledged meanwhile
             self._acks.put(mid)
         self._drain_acks()
-
-    def _join_timeout_s(self, left_s: float) -> float:
-        # The rest of the close timeout, and time for the last word ("offline").
-        return left_s + _OFFLINE_ACK_WAIT_S + 1.0
 
     # -- the connection (worker) -------------------------------------------------------
 
@@ -433,8 +429,9 @@ class MqttSink(OutboxSink):
                 self._client.disconnect()  # the network thread sends DISCONNECT and ends
         net = self._net
         if net is not None:
-            net.join(self.config.connect_timeout_s)
-            if net.is_alive():
+            # Closing: no longer than the close budget (the thread is a daemon).
+            net.join(self._time_left_s(self.config.connect_timeout_s))
+            if net.is_alive() and not self._stop.is_set():
                 logger.error("%s: the network thread did not end", self.name)
         self._net = None
 

@@ -5,7 +5,13 @@ before ``publish`` returns, and its future resolves only when the destination
 has acknowledged it (:meth:`OutboxSink._acknowledge_rows`). Events the outbox
 drops (too old, or pushed out by its size limits) fail their futures with a
 reason. On ``close`` what is still unacknowledged stays in the outbox for the
-next process.
+next process (their futures fail with :class:`SinkKept`: not lost).
+
+When the outbox cannot store an event (a full disk), the event is held in
+memory, in order, and the worker retries storing it every second; events
+published meanwhile wait behind it. Up to :data:`MAX_UNSTORED` are held; one
+more fails its future (a loss, counted and logged), and so do those still held
+when the sink closes.
 
 State: only the latest state message is kept (:meth:`OutboxSink._offer_state`)
 and sent at most once per ``state_min_interval_s``, except that a change of
@@ -22,6 +28,7 @@ only its transport: :meth:`~OutboxSink._connect`, :meth:`~OutboxSink._step`,
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import random
@@ -31,21 +38,41 @@ import uuid
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from soundwatch.config import IotHubSinkConfig, MqttSinkConfig, OutboxConfig
 from soundwatch.events import Event, Message, State, wire_json
 from soundwatch.outbox import Dropped, Outbox, OutboxError, OutboxFull
-from soundwatch.sinks.base import Sink, SinkConfigError, SinkError, resolved, sink_error
+from soundwatch.sinks.base import (
+    Sink,
+    SinkConfigError,
+    SinkError,
+    SinkKept,
+    resolved,
+    sink_error,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
 # How often expired events are purged from the outbox (they fail their futures).
 PURGE_INTERVAL_S = 60.0
-# The worker re-checks its timers at least this often.
+# The worker re-checks its timers (and retries storing held events) at least this often.
 MAX_IDLE_WAIT_S = 1.0
+# Events held in memory while the outbox cannot store them (module docstring).
+MAX_UNSTORED = 1000
+
+
+@dataclass
+class _Unstored:
+    """An event the outbox could not store yet, and its caller's future."""
+
+    key: str
+    payload: bytes
+    properties: dict[str, str] | None
+    future: Future[None]
 
 
 def now_iso() -> str:
@@ -96,10 +123,13 @@ class OutboxSink(Sink):
         # Shared between the callers' threads and the worker.
         self._lock = threading.Lock()  # guards _futures
         self._futures: dict[int, Future[None]] = {}  # outbox row id -> caller's future
+        self._unstored: collections.deque[_Unstored] = collections.deque()  # guarded by _lock
+        self._store_error: str | None = None
         self._flushed = threading.Condition()  # notified when rows are settled
         self._wake = threading.Event()  # the worker has something to do
         self._stop = threading.Event()
         self._closed = False
+        self._close_deadline = math.inf
         self._next_purge = 0.0
         self._worker: threading.Thread | None = None
         # The latest state message, its "class change" key, and what was sent.
@@ -201,29 +231,92 @@ class OutboxSink(Sink):
     ) -> Future[None]:
         future: Future[None] = Future()
         with self._lock:
+            if self._unstored:  # keep the order: behind the events already waiting
+                return self._hold(_Unstored(key, payload, properties, future), None)
             try:
                 stored = self.outbox.enqueue(key, payload, properties)
             except OutboxFull as e:
                 return self._fail(sink_error(f"{self.name}: {e}", e))
             except OutboxError as e:
-                return self._fail(sink_error(f"{self.name}: cannot store event {key}: {e}", e))
+                return self._hold(_Unstored(key, payload, properties, future), e)
             self._futures[stored.id] = future
         self._settle_drops(stored.dropped)
         self._wake.set()
         return future
 
+    def _hold(self, item: _Unstored, error: OutboxError | None) -> Future[None]:
+        """Keep an event the outbox cannot store (called with ``_lock`` held)."""
+        if error is not None and self._store_error is None:
+            self._store_error = str(error)
+            logger.error(
+                "%s: cannot store event %s in the outbox (%s); holding events in memory "
+                "and retrying every %g s",
+                self.name,
+                item.key,
+                error,
+                MAX_IDLE_WAIT_S,
+            )
+            self._set_error(f"outbox: {error}")
+        if len(self._unstored) >= MAX_UNSTORED:
+            return self._fail(
+                SinkError(
+                    f"{self.name}: event {item.key} lost: the outbox cannot store it "
+                    f"({self._store_error}) and {MAX_UNSTORED} events are already held"
+                )
+            )
+        self._unstored.append(item)
+        self._wake.set()
+        return item.future
+
+    def _store_held(self) -> None:
+        """Store the held events in order while the outbox takes them (the worker, and close)."""
+        dropped: list[Dropped] = []
+        refused: list[tuple[Future[None], SinkError]] = []
+        stored_now = 0
+        with self._lock:
+            while self._unstored:
+                item = self._unstored[0]
+                try:
+                    stored = self.outbox.enqueue(item.key, item.payload, item.properties)
+                except OutboxFull as e:  # the drop policy refused it: counted there
+                    refused.append((item.future, sink_error(f"{self.name}: {e}", e)))
+                except OutboxError:
+                    break  # still cannot write: the next round retries
+                else:
+                    self._futures[stored.id] = item.future
+                    dropped.extend(stored.dropped)
+                    stored_now += 1
+                self._unstored.popleft()
+            recovered = not self._unstored and self._store_error is not None
+            if recovered:
+                self._store_error = None
+        if recovered:
+            logger.warning(
+                "%s: the outbox stores events again (%d were held)", self.name, stored_now
+            )
+            self._set_error(None)
+        for future, error in refused:
+            self._count_failed(error)
+            logger.warning("%s", error)
+            future.set_exception(error)
+        self._settle_drops(dropped)
+        if stored_now:
+            self._wake.set()
+
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every event stored so far has been acknowledged by the destination."""
+        """Wait until every event published so far has been acknowledged by the destination."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        try:
-            target = self.outbox.last_id()
-        except OutboxError:
-            return False
+        target: int | None = None
         with self._flushed:
             while True:
+                with self._lock:
+                    held = bool(self._unstored)
                 try:
-                    if self.outbox.pending_through(target) == 0:
-                        return True
+                    if not held:  # held events get their row ids once stored
+                        if target is None:
+                            target = self.outbox.last_id()
+                        if self.outbox.pending_through(target) == 0:
+                            return True
                 except OutboxError:
                     return False
                 left = None if deadline is None else deadline - time.monotonic()
@@ -232,30 +325,66 @@ class OutboxSink(Sink):
                 self._flushed.wait(0.5 if left is None else min(left, 0.5))
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Flush (up to ``timeout_s``, default 10 s), then stop the worker. Idempotent.
+        """Flush, then stop the worker, all within ``timeout_s`` (default 10 s). Idempotent.
 
-        Events not acknowledged by then stay in the outbox and are sent by the
-        next process; their futures fail with a :class:`SinkError` saying so.
+        The whole close keeps to ``timeout_s`` whatever the destination does
+        (down, frozen, a handshake that never ends): the worker gets what is
+        left after the flush to say its last word and is otherwise abandoned
+        (a daemon thread). Events not acknowledged by then stay in the outbox
+        and are sent by the next process; their futures fail with
+        :class:`SinkKept`. Events the outbox could not store fail with
+        :class:`SinkError`: those are lost, and logged with their keys.
         """
         if self._closed:
             return
         if timeout_s is None:  # never wait forever for a destination that may be gone
             timeout_s = DEFAULT_CLOSE_TIMEOUT_S
         deadline = time.monotonic() + timeout_s
-        flushed = self.flush(timeout_s)
+        self._close_deadline = deadline
+        self._store_held()
+        # Time for the worker to stop after the flush: half the budget, at most a second.
+        flushed = self.flush(max(0.0, timeout_s - min(1.0, timeout_s / 2)))
         self._closed = True
         self._stop.set()
         self._wake.set()
-        self._interrupt()
+        # On its own thread: an SDK's shutdown may block on a dead link, and
+        # the budget is kept by the join below.
+        threading.Thread(target=self._interrupt, name=f"{self.name}-interrupt", daemon=True).start()
         if self._worker is not None:
-            self._worker.join(self._join_timeout_s(max(deadline - time.monotonic(), 0.0)))
+            self._worker.join(max(deadline - time.monotonic(), 0.0))
             if self._worker.is_alive():
-                logger.warning("%s: worker did not stop in time", self.name)
+                logger.warning(
+                    "%s: worker did not stop within the %.1f s close budget; leaving it",
+                    self.name,
+                    timeout_s,
+                )
+        self._fail_unstored()
         self._fail_unacknowledged(flushed)
 
-    def _join_timeout_s(self, left_s: float) -> float:
-        """How long ``close`` waits for the worker, with ``left_s`` of its timeout left."""
-        return 5.0
+    def _time_left_s(self, wanted_s: float) -> float:
+        """``wanted_s``, or less when closing and the close budget ends sooner."""
+        return max(0.0, min(wanted_s, self._close_deadline - time.monotonic()))
+
+    def _fail_unstored(self) -> None:
+        with self._lock:
+            lost = list(self._unstored)
+            self._unstored.clear()
+        if not lost:
+            return
+        logger.error(
+            "%s: %d event(s) LOST: the outbox could not store them (%s): %s",
+            self.name,
+            len(lost),
+            self._store_error,
+            ", ".join(item.key for item in lost),
+        )
+        for item in lost:
+            error = SinkError(
+                f"{self.name}: event {item.key} lost: the outbox could not store it "
+                f"({self._store_error}) before the sink closed"
+            )
+            self._count_failed(error)
+            item.future.set_exception(error)
 
     def health(self) -> dict[str, Any]:
         info = super().health()
@@ -270,9 +399,12 @@ class OutboxSink(Sink):
                 "failed": self._state_failed,
                 "min_interval_s": self.state_min_interval_s,
             }
+        with self._lock:
+            unstored = len(self._unstored)
         info.update(
-            healthy=self._connected and not self.outbox.closed,
+            healthy=self._connected and not self.outbox.closed and not unstored,
             connected=self._connected,
+            unstored=unstored,
             connects=self._connects,
             connect_failures=self._connect_failures,
             disconnects=self._disconnects,
@@ -325,6 +457,7 @@ class OutboxSink(Sink):
     def _serve(self) -> None:
         while not self._stop.is_set() and self._connected_now():
             self._wake.clear()
+            self._store_held()
             self._step()
             self._purge_if_due()
             self._wake.wait(self._next_wait())
@@ -339,7 +472,8 @@ class OutboxSink(Sink):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._stop.wait(min(left, PURGE_INTERVAL_S))
+            self._stop.wait(min(left, MAX_IDLE_WAIT_S if self._unstored else PURGE_INTERVAL_S))
+            self._store_held()
             self._purge_if_due()
 
     def _next_wait(self) -> float:
@@ -426,7 +560,7 @@ class OutboxSink(Sink):
                 self.destination,
                 self.outbox.path,
             )
-        error = SinkError(
+        error = SinkKept(
             f"{self.name}: closed before {self.destination} acknowledged the event; it stays "
             f"in the outbox {self.outbox.path} and is sent after the next start"
         )

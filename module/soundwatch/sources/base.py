@@ -89,7 +89,7 @@ class Source(ABC):
         self.close()
 
 
-def wait_until_due(started: float, end_sample: int, rate_hz: int, stop: threading.Event) -> bool:
+def wait_until_due(started: float, end_sample: int, rate_hz: float, stop: threading.Event) -> bool:
     """Real-time pacing from sample counts: sleep until the block ending at
     ``end_sample`` is due (``started`` is the monotonic start time).
 

@@ -1,7 +1,8 @@
 """An audio file (WAV, FLAC, OGG: anything libsndfile reads) as a source.
 
 Blocks are read with soundfile, mixed down to mono, and yielded either as
-fast as the consumer takes them or paced at real time. Pacing compares the
+fast as the consumer takes them or paced at real time (or ``speed`` times
+faster, for fault drills and demos). Pacing compares the
 sample count with a monotonic clock started at the first block: a block is
 released when its last sample "would have been captured", so a slow consumer
 never makes the stream drift (it catches up instead).
@@ -42,6 +43,7 @@ class FileSource(Source):
         super().__init__(name=f"file:{self.path.name}", sample_rate_hz=int(info.samplerate))
         self.loop = config.loop
         self.realtime = config.realtime
+        self.speed = config.speed
         self.block_frames = max(1, round(config.block_s * self.sample_rate_hz))
         self.channels = int(info.channels)
         self.frames = int(info.frames)
@@ -73,7 +75,8 @@ class FileSource(Source):
                         else np.ascontiguousarray(data[:, 0])
                     )
                     end = position + int(samples.shape[0])
-                    if self.realtime and wait_until_due(started, end, self.sample_rate_hz, stop):
+                    due_rate_hz = self.sample_rate_hz * self.speed
+                    if self.realtime and wait_until_due(started, end, due_rate_hz, stop):
                         break
                     yield AudioBlock(
                         samples=samples,

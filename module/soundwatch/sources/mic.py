@@ -8,11 +8,16 @@ happens in the consumer thread inside :meth:`MicSource.blocks`.
 
 Faults never end the stream and never raise out of ``blocks()``: a device that
 cannot be found or opened, that stops delivering samples for ``watchdog_s``,
-or that delivers a flat line (peak-to-peak ~ 0) for ``flatline_s`` worth of
-samples is reported unhealthy (with the reason in ``health().detail``), closed
-and reopened with backoff. Before each reopen PortAudio is re-initialised so it
-rescans devices, and the device is looked up again by name: after an unplug
-the device index may change.
+that delivers a flat line (peak-to-peak ~ 0) for ``flatline_s`` worth of
+samples, or whose blocks overflow the queue faster than the device itself
+produces blocks for ``overflow_storm_s`` (an *overflow storm*: impossible for
+a live device, whose clock bounds it; seen with a capture whose feed has gone
+and that keeps handing out a stale buffer as fast as it is read) is reported
+unhealthy (with the reason in ``health().detail``), logged, closed and
+reopened with backoff. The blocks still queued from a storming stream are
+dropped with it: they are that stale buffer, not audio. Before each reopen
+PortAudio is re-initialised so it rescans devices, and the device is looked
+up again by name: after an unplug the device index may change.
 
 Positions:
 - A reopened device's first block starts where the count left off and has
@@ -65,6 +70,10 @@ DEFAULT_BACKOFF_S: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
 # Below one step of a 16-bit converter (3.05e-5); a live microphone's noise
 # floor is far above this over a few seconds.
 DEFAULT_FLATLINE_PTP = 1e-6
+# An overflow storm is judged over windows of this many seconds: more than
+# STORM_FACTOR times the blocks the device makes in that time overflowed.
+STORM_WINDOW_S = 0.5
+STORM_FACTOR = 2.0
 # Capture formats and the factor that maps them to float32 in [-1, 1).
 _SCALE: dict[str, float] = {"int16": 1.0 / 32768.0, "float32": 1.0}
 
@@ -388,6 +397,7 @@ class MicSource(Source):
         self.channels = channels
         self.preferred_rates_hz = tuple(int(r) for r in config.preferred_rates_hz)
         self.queue_blocks = config.queue_blocks
+        self.overflow_storm_s = config.overflow_storm_s
         self.watchdog_s = config.watchdog_s
         self.flatline_s = config.flatline_s
         self.flatline_ptp = flatline_ptp
@@ -648,8 +658,9 @@ class _Pump:
     """Moves chunks from one open stream's queue to blocks, and runs the watchdog.
 
     Ends (``fault`` set) when no chunk arrived for ``watchdog_s``, when the
-    signal has been flat for ``flatline_s`` worth of samples, or when
-    PortAudio finished the stream; ends with ``fault=None`` when stopped.
+    signal has been flat for ``flatline_s`` worth of samples, when blocks
+    overflowed faster than the device makes them for ``overflow_storm_s``, or
+    when PortAudio finished the stream; ends with ``fault=None`` when stopped.
     """
 
     def __init__(
@@ -665,12 +676,45 @@ class _Pump:
         self._run_len = 0
         self._run_min = 0.0
         self._run_max = 0.0
+        # The device's own block rate, and the overflow storm being measured.
+        self._blocks_per_s = opened.rate_hz / max(1, round(source.block_s * opened.rate_hz))
+        self._storm_mark = (time.monotonic(), 0)  # (when, overflows then)
+        self._storm_s = 0.0
+        self._storm_overflows = 0
+
+    def _overflow_storm(self) -> str | None:
+        """The fault text once overflows have outrun the device for ``overflow_storm_s``."""
+        now = time.monotonic()
+        since, overflows_then = self._storm_mark
+        elapsed = now - since
+        if elapsed < STORM_WINDOW_S:
+            return None
+        overflows = self.opened.capture.overflows
+        self._storm_mark = (now, overflows)
+        lost = overflows - overflows_then
+        made = elapsed * self._blocks_per_s
+        if lost <= STORM_FACTOR * made:
+            self._storm_s, self._storm_overflows = 0.0, 0
+            return None
+        self._storm_s += elapsed
+        self._storm_overflows += lost
+        if self._storm_s < self.source.overflow_storm_s:
+            return None
+        return (
+            f"overflow storm: {self._storm_overflows} blocks lost in {self._storm_s:.1f} s, "
+            f"{lost / made:.0f} times the {self._blocks_per_s:.3g} blocks/s the device makes: "
+            "it is not delivering live audio (its feed gone?)"
+        )
 
     def run(self, stop: threading.Event) -> Iterator[AudioBlock]:
         source, capture = self.source, self.opened.capture
         poll_s = min(0.1, source.watchdog_s / 4)
         last_chunk_at = time.monotonic()
         while not source._stopping(stop):
+            storm = self._overflow_storm()
+            if storm is not None:
+                self.fault = storm
+                return
             try:
                 chunk = capture.queue.get(timeout=poll_s)
             except queue.Empty:

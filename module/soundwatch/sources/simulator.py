@@ -98,9 +98,7 @@ class SimulatorSource(Source):
 
     def _new_stream(self) -> Stream:
         c = self.config
-        return Stream(
-            self._take, self.schedule, c.seed, c.rate_hz, ramp_s=c.ramp_s, loop=c.loop
-        )
+        return Stream(self._take, self.schedule, c.seed, c.rate_hz, ramp_s=c.ramp_s, loop=c.loop)
 
     @property
     def cycle_samples(self) -> int:

@@ -109,7 +109,8 @@
     try {
       const r = await api("/health");
       const h = r.data;
-      const ok = r.res.status === 200 && h.healthy;
+      // Without the token (when the server has one) /health says only {"status": ...}.
+      const ok = r.res.status === 200 && (h.healthy === true || h.status === "ok");
       pill.dataset.state = ok ? "healthy" : "unhealthy";
       let text = ok ? "healthy" : "unhealthy";
       if (!ok && h.source && h.source.state) text += " · source " + h.source.state;
