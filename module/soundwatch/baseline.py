@@ -153,7 +153,11 @@ class Baseline:
 
     def novelty(self, emb: F32) -> Novelty:
         groups = self.group_scores(emb)
-        return Novelty(round(max(groups.values()), 4), self.threshold, {k: round(v, 3) for k, v in groups.items()})
+        return Novelty(
+            round(max(groups.values()), 4),
+            self.threshold,
+            {k: round(v, 3) for k, v in groups.items()},
+        )
 
     def refit(self, extra: F32, learned_s: float = 0.0) -> Baseline:
         """The baseline learned again with ``extra`` windows added (a false alarm's)."""

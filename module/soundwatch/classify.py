@@ -187,8 +187,10 @@ class ClipClassifier:
                 "(left out of the analysis)"
             )
         for jump in q.level_steps_db:
-            out.append(f"the level jumps by {jump:+.1f} dB inside the window (a gain change?): "
-                       "taken out before the analysis")
+            out.append(
+                f"the level jumps by {jump:+.1f} dB inside the window (a gain change?): "
+                "taken out before the analysis"
+            )
         if q.clipped_fraction > 0.001:
             out.append(f"{100 * q.clipped_fraction:.1f} % of the samples are clipped")
         out.extend(clip.notes)
