@@ -596,14 +596,12 @@ def _send_command(args: argparse.Namespace, name: str, body: Any) -> int:
     import urllib.error
     import urllib.request
 
-    from soundwatch.http.options import TOKEN_ENV
-
     base = args.http if "://" in args.http else f"http://{args.http}"
     url = f"{base.rstrip('/')}/commands/{name}"
     data = json.dumps(body).encode() if body is not None else b""
     request = urllib.request.Request(url, data=data, method="POST")
     request.add_header("Content-Type", "application/json")
-    token = args.http_token if args.http_token is not None else os.environ.get(TOKEN_ENV)
+    token = _command_token(args)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -627,6 +625,21 @@ def _send_command(args: argparse.Namespace, name: str, body: Any) -> int:
         return _fail(f"cannot reach the module at {base}: {reason}")
     print(json.dumps(answer.get("data", answer), indent=2))
     return EXIT_OK
+
+
+def _command_token(args: argparse.Namespace) -> str | None:
+    """The token for a module's commands: ``--http-token``, the environment, or else the
+    one a module started without a token wrote to its state directory (if readable here)."""
+    from soundwatch.http.options import COMMAND_TOKEN_FILE, TOKEN_ENV
+
+    if args.http_token is not None:
+        return str(args.http_token)
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    try:
+        return (args.state_dir / COMMAND_TOKEN_FILE).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _cmd_validate_config(args: argparse.Namespace) -> int:
@@ -957,7 +970,7 @@ def _add_baseline_commands(
 
 
 def _add_module_url(p: argparse.ArgumentParser) -> None:
-    from soundwatch.http.options import DEFAULT_ADDRESS, TOKEN_ENV
+    from soundwatch.http.options import COMMAND_TOKEN_FILE, DEFAULT_ADDRESS, TOKEN_ENV
 
     p.add_argument(
         "--http",
@@ -968,7 +981,14 @@ def _add_module_url(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--http-token",
         metavar="TOKEN",
-        help=f"its bearer token (default: ${TOKEN_ENV})",
+        help=f"its bearer token (default: ${TOKEN_ENV}, else the token the module wrote to "
+        f"--state-dir when it has none)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("state"),
+        help=f"the module's state directory, for its {COMMAND_TOKEN_FILE} (default: ./state)",
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
 
