@@ -469,7 +469,8 @@ def test_false_alarm_and_relearn_over_http_from_the_cli(
 
         state = _until("a state that learns again", learning_state, 30)
         assert state["baseline_id"] is None and state["learning"]["learn_s"] == 60
-        health = requests.get(url + "/health", timeout=5).json()
+        # The full health report needs the token (without it: only "ok" / "degraded").
+        health = requests.get(url + "/health", headers=auth, timeout=5).json()
         assert health["baseline"]["state"] == "learning"
         # The web page shows it: it reads the same /state (the element is on the page).
         assert 'id="baseline"' in requests.get(url + "/", timeout=5).text
