@@ -15,7 +15,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 PIP_BOOTSTRAP := pip==25.2 setuptools==80.9.0 wheel==0.45.1
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: run test pytest bench faults lint train arm64-check clean setup-run setup-test setup-train
+.PHONY: run test pytest bench day faults lint train arm64-check clean setup-run setup-test setup-train
 
 run: setup-run
 	$(BIN)/soundwatch run --config config/demo.yaml
@@ -41,6 +41,22 @@ arm64-check: setup-test
 
 bench: setup-train
 	$(BIN)/python -m tools.bench
+
+# A unit's day, shortened: 10 min of normal running (the baseline learns it),
+# then each fault for a minute with normal stretches between, background
+# events throughout; scored against its truth (tools/score_recording.py).
+DAY_UNIT ?= 7
+DAY_SNR ?= 6
+DAY_SEED ?= 1
+DAY_SCHEDULE := normal:600,imbalance:60,normal:120,bearing:60,normal:120,clogging:60,normal:120,rubbing:60,normal:120,voltage_change:60,normal:120,loose_guard:60,normal:120
+DAY_WAV := build/day/unit$(DAY_UNIT)-snr$(DAY_SNR)-seed$(DAY_SEED).wav
+
+day: setup-run
+	@mkdir -p build/day
+	@test -f $(DAY_WAV) || $(BIN)/python -m soundwatch.sim recording --out $(DAY_WAV) \
+		--unit $(DAY_UNIT) --snr $(DAY_SNR) --seed $(DAY_SEED) --events-per-min 1.5 \
+		--schedule "$(DAY_SCHEDULE)"
+	$(BIN)/python tools/score_recording.py --learn-s 600 $(DAY_WAV)
 
 # Broker outage, kill -9, flapping, frozen broker, full state disk, command flood
 # against a real `soundwatch run` and mosquitto; one table (docs/faults.md). About

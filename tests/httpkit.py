@@ -102,6 +102,8 @@ def make_runtime(tmp: Path, bundle_path: Path, *, loop: bool = True) -> Runtime:
         "sinks": [],
         "state_dir": str(tmp / "state"),
         "model.bundle": str(bundle_path),
+        # The classifier's own decisions (a fresh unit would first learn its baseline).
+        "baseline": {"enabled": False},
         "decision": {
             # The lowest thresholds the config allows (off >= 0.05).
             "thresholds": {name: {"on": 0.05, "off": 0.05} for name in faults},

@@ -80,6 +80,9 @@ def module_config(
             "confirm_n": 1,
             "cooldown_s": 0.0,
         },
+        # The classifier decides at once (a fresh unit would first learn its
+        # baseline, deciding strictly meanwhile: no steady events).
+        "baseline": {"enabled": False},
         "sinks": [*sinks, ledger],
     }
 

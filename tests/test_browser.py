@@ -184,3 +184,41 @@ def test_docs_show_their_pictures_and_link_to_the_reference_pages(browser: Any) 
         browser.find_element(By.LINK_TEXT, "commands.md").click()
         WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith("/docs/commands.md"))
         assert not _console_errors(browser)
+
+
+def test_page_shows_how_far_the_units_baseline_is_learned(browser: Any, tmp_path: Path) -> None:
+    """A fresh unit learns its baseline: the page says how far ("learning: 0:42 of 1:00:00")."""
+    import re
+    import threading
+
+    from soundwatch.app import Runtime
+    from soundwatch.config import load_config
+
+    wav = write_clip(tmp_path / "fan.wav", 12.0, fault="normal")
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "source": {"type": "file", "path": str(wav), "loop": True, "realtime": False},
+            "sinks": [],
+            "state_dir": str(tmp_path / "state"),
+            "model.bundle": str(bundle_dir()),
+            "baseline": {"learn_s": 3600},
+        },
+    )
+    runtime = Runtime(config)
+    _console_errors(browser)  # what earlier tests left in the log
+    stop = threading.Event()
+    worker = threading.Thread(target=runtime.run, args=(stop,), name="pipeline", daemon=True)
+    with running_server(runtime.bundle, runtime) as srv:
+        worker.start()
+        try:
+            browser.get(srv.url + "/")
+            WebDriverWait(browser, 30).until(lambda d: "learning: " in _text(d, "baseline-text"))
+            text = _text(browser, "baseline-text")
+            assert re.match(r"learning: \d+:\d\d of 1:00:00 · ", text), text
+            assert re.fullmatch(r"\d+ %", _text(browser, "baseline-value"))
+            assert not _console_errors(browser)
+        finally:
+            stop.set()
+            worker.join(30)

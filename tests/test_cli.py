@@ -61,6 +61,43 @@ def test_every_subcommand_help_has_a_description_defaults_and_an_example(command
         assert "(default: " in out, out  # the options that have defaults say them
 
 
+@pytest.mark.parametrize("action", ["learn", "show", "relearn", "false-alarm"])
+def test_every_baseline_action_has_help_with_a_description_and_examples(action: str) -> None:
+    code, out, _err = _in_process("baseline", action, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: soundwatch baseline {action}")
+    description = out.split("\n\n")[1]
+    assert len(description) > 40, description
+    assert f"examples:\n  soundwatch baseline {action}" in out
+    if action != "show":
+        assert "(default: " in out, out
+
+
+def test_baseline_commands_say_what_is_wrong(tmp_path: Path) -> None:
+    # No module listens there: the client says so and fails.
+    code, _out, err = _in_process("baseline", "relearn", "--http", "127.0.0.1:9", "--timeout", "5")
+    assert code == 1 and "cannot reach the module at http://127.0.0.1:9" in err
+    # Not a baseline file.
+    bogus = tmp_path / "b.npz"
+    bogus.write_bytes(b"not a baseline")
+    code, _out, err = _in_process("baseline", "show", str(bogus))
+    assert code == 1 and "unreadable baseline" in err
+    # Too little audio to learn from: how many windows, and what to do.
+    wav = write_wav(tmp_path / "fan.wav", 12.0)
+    proc = soundwatch(
+        "baseline",
+        "learn",
+        "--out",
+        str(tmp_path / "x.npz"),
+        str(wav),
+        "--bundle",
+        str(bundle_dir()),
+    )
+    assert proc.returncode == 1
+    assert "the clips gave 1 usable windows; a baseline needs at least 10" in proc.stderr
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_one_name_per_option_and_errors_show_the_subcommands_usage(tmp_path: Path) -> None:
     # The HTTP token option is --http-token in run and serve alike; the old spellings
     # are refused with the subcommand's usage and the one name.

@@ -176,6 +176,8 @@ decision:
   confirm_k: 1
   confirm_n: 1
   cooldown_s: 0
+baseline:
+  enabled: false  # the classifier's own decisions, from the first windows
 sinks:
   - type: mqtt
     host: 127.0.0.1

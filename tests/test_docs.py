@@ -34,6 +34,7 @@ REFERENCE_PAGES = (
     "architecture.md",
     "commands.md",
     "faults.md",
+    "baseline.md",
 )
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 

@@ -4,7 +4,8 @@ The audio reaches ``soundwatch run`` through real PortAudio from the ALSA
 file-plugin microphone (tests/fakemic.py). The shipped model must raise
 ``anomaly_started`` / ``anomaly_ended`` with the right class for every fault
 interval, within the latency stated below (stream time), and nothing in the
-normal stretches.
+normal stretches. The per-unit baseline is off: these runs check the
+classifier's own decisions (tests/test_baseline_module.py checks the baseline's).
 
 Latency, in stream seconds: a window is 10 s and the hop ~1 s; the decision
 needs K=3 of the last N=5 windows. A fault becomes visible once it fills a
@@ -28,7 +29,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from soundwatch import fansim
+from soundwatch.sim import typical_recording
 from tests.fakemic import make_fake_mic
 
 START_LATENCY_S = 15.0
@@ -108,8 +109,7 @@ def _check_events(messages: list[dict[str, Any]], end_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    unit = fansim.make_unit(UNIT, seed=0)
-    audio = fansim.render_schedule(unit, SCHEDULE, SNR_DB, SEED, sample_rate_hz=RATE)
+    audio = typical_recording(UNIT, SCHEDULE, SNR_DB, SEED, sample_rate_hz=RATE)
     path = tmp_path_factory.mktemp("rec") / "fan_schedule.wav"
     sf.write(path, audio, RATE, subtype="PCM_16")
     return path, audio
@@ -132,6 +132,7 @@ def test_mic_end_to_end_through_portaudio(
         f"""
 device_id: e2e
 state_dir: {tmp_path / "state"}
+baseline: {{enabled: false}}
 source:
   type: mic
   device: {mic.name}
@@ -166,6 +167,7 @@ def test_block_size_does_not_change_decisions(
             f"""
 device_id: blocks
 state_dir: {tmp_path / f"state{block}"}
+baseline: {{enabled: false}}
 source: {{type: file, path: {path}, realtime: false, block_s: {block / RATE!r}}}
 sinks: [{{type: jsonl, path: {jsonl}, include_state: true}}]
 """

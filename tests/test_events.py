@@ -416,3 +416,95 @@ def test_the_wire_format_is_stable_byte_for_byte() -> None:
     if os.environ.get("SOUNDWATCH_WRITE_GOLDEN"):
         GOLDEN.write_bytes(got)
     assert got == GOLDEN.read_bytes()
+
+
+GOLDEN_BASELINE = Path(__file__).parent / "data" / "wire-golden-baseline.jsonl"
+
+
+def _golden_baseline_messages() -> list[bytes]:
+    """With the per-unit baseline on: states while learning, then novelty decisions
+    (an unknown anomaly the classifier names later, a window not judged), ids fixed."""
+    from soundwatch.config import BaselineConfig
+    from soundwatch.decision import NoveltyDecision
+    from soundwatch.stream_types import BaselineVerdict, LearningProgress, NoveltyReading
+
+    counter = itertools.count(1)
+    new_id = lambda: str(uuid.UUID(int=next(counter), version=4))  # noqa: E731
+    classes = ModelClasses(REFERENCE_CLASSES)
+    fac = EventFactory(
+        "fan-line-1",
+        "soundwatch",
+        "fan@1.0.0",
+        REFERENCE_CLASSES,
+        REFERENCE_MESSAGES,
+        SequenceCounter(None),
+        clock=lambda: NOW,
+        baseline=True,
+    )
+    learning = DecisionState(DecisionConfig(), classes, new_anomaly_id=new_id)
+    novelty = NoveltyDecision(
+        DecisionConfig(cooldown_s=5.0),
+        BaselineConfig(confirm_k=2, confirm_n=3, name_on=0.8),
+        classes,
+        new_anomaly_id=new_id,
+    )
+    out: list[bytes] = []
+    original = events_mod.uuid.uuid4
+    events_mod.uuid.uuid4 = lambda: uuid.UUID(int=10**6 + next(counter), version=4)  # type: ignore[assignment]
+
+    def window(i: int, p: tuple[float, ...], verdict: BaselineVerdict, bad: bool) -> WindowResult:
+        return WindowResult(
+            index=i,
+            start_s=i * 0.998458,
+            end_s=i * 0.998458 + 10.000001,
+            probabilities=p,
+            level=LOUD,
+            captured_at=(T0 + 0.123456 + i) if i % 2 else None,
+            no_verdict="only 2.1 s of usable audio (at least 3 s needed)" if bad else None,
+            baseline=verdict,
+        )
+
+    try:
+        for i in range(3):
+            verdict = BaselineVerdict(None, None, LearningProgress(10.0 + i * 0.998458, 600.0))
+            out.extend(
+                wire_json(fac.build(o)) for o in learning.update(window(i, probs(), verdict, False))
+            )
+        scores = [1.5, 12.3456789, 13.0, 11.0, 14.0, 14.5, 3.0, 1.0, 1.0]
+        named = [
+            probs(),
+            probs(),
+            probs(),
+            probs(clogging=0.9),
+            probs(clogging=0.95),
+            probs(clogging=0.9),
+            probs(),
+            probs(),
+            probs(),
+        ]
+        for j, (score, p) in enumerate(zip(scores, named, strict=True)):
+            i = 3 + j
+            bad = j == 2
+            verdict = BaselineVerdict(
+                "bl-0123456789ab", None if bad else NoveltyReading(score, 10.123456789)
+            )
+            out.extend(wire_json(fac.build(o)) for o in novelty.update(window(i, p, verdict, bad)))
+        out.extend(wire_json(fac.build(o)) for o in novelty.finish())
+    finally:
+        events_mod.uuid.uuid4 = original  # type: ignore[assignment]
+    return out
+
+
+def test_the_baseline_wire_format_is_stable_byte_for_byte() -> None:
+    """The baseline's keys (novelty, baseline_id, learning) on every kind of message.
+
+    With the baseline off, messages are as in wire-golden.jsonl, byte for byte
+    (the test above); with it on, as here. Rewrite the file the same way.
+    """
+    messages = _golden_baseline_messages()
+    for m in messages:
+        validate_event(json.loads(m))
+    got = b"\n".join(messages) + b"\n"
+    if os.environ.get("SOUNDWATCH_WRITE_GOLDEN"):
+        GOLDEN_BASELINE.write_bytes(got)
+    assert got == GOLDEN_BASELINE.read_bytes()

@@ -62,6 +62,8 @@ class Module:
             argv += ["--sink", f"mqtt://127.0.0.1:{broker.ports['plain']}"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOUNDWATCH")}
         env["SOUNDWATCH__DEVICE_ID"] = device
+        # The classifier's own decisions (a fresh unit would first learn its baseline).
+        env["SOUNDWATCH__BASELINE__ENABLED"] = "false"
         self.proc = subprocess.Popen(
             argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -103,6 +104,27 @@ def test_commands_need_the_generated_token_on_an_open_loopback_server(
     # Read-only routes keep their rule: open on a loopback server without a token.
     assert requests.get(url + "/events", timeout=10).status_code == 200
     assert "source" in requests.get(url + "/health", timeout=10).json()
+
+    # The baseline commands of the CLI find that token in the module's state directory.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOUNDWATCH_")}
+    relearn = [sys.executable, "-m", "soundwatch", "baseline", "relearn", "--http", url]
+    elsewhere = subprocess.run(
+        [*relearn, "--state-dir", str(open_module.state_dir.parent / "elsewhere")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert elsewhere.returncode == 1 and "state directory" in elsewhere.stderr, elsewhere.stderr
+    done = subprocess.run(
+        [*relearn, "--state-dir", str(open_module.state_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["learning"]["learned_s"] == 0.0
 
 
 def test_the_generated_token_is_kept_across_restarts(tmp_path: Path) -> None:

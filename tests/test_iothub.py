@@ -612,3 +612,68 @@ def test_the_real_runtime_takes_twin_patches_through_its_control_plane(
     finally:
         runtime.run(threading.Event())  # runs the short file, then closes channels and sinks
         logger.setLevel(level)
+
+
+def test_relearn_baseline_and_mark_false_alarm_as_direct_methods(
+    edge_env: None, hub: FakeHub, tmp_path: Path
+) -> None:
+    """The operator's baseline commands as IoT Hub direct methods, through the real runtime.
+
+    The unit learns its baseline from a minute of its normal sound (a looped file,
+    as fast as it goes); ``relearnBaseline`` drops it and learning starts again,
+    after which ``markFalseAlarm`` is refused until there is a baseline again.
+    """
+    import soundfile as sf
+
+    from soundwatch.app import Runtime
+    from soundwatch.config import load_config
+    from soundwatch.sim import typical_recording
+    from tests.httpkit import bundle_dir
+
+    wav = tmp_path / "normal.wav"
+    sf.write(wav, typical_recording(7, [("normal", 75.0)], 6.0, 3, 16000), 16000)
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "device_id": DEVICE,
+            "state_dir": str(tmp_path / "state"),
+            "model": {"bundle": str(bundle_dir())},
+            "source": {"type": "file", "path": str(wav), "loop": True, "realtime": False},
+            "baseline": {"learn_s": 60},
+            "sinks": [
+                {
+                    "type": "iothub",
+                    "include_state": False,
+                    "connect_timeout_s": 3.0,
+                    "reconnect": {"min_delay_s": 0.2, "max_delay_s": 1.0},
+                }
+            ],
+        },
+    )
+    runtime = Runtime(config)
+    assert runtime.unit is not None
+    unit = runtime.unit
+    stop = threading.Event()
+    worker = threading.Thread(target=runtime.run, args=(stop,), name="pipeline", daemon=True)
+    worker.start()
+    try:
+        _wait(lambda: unit.baseline is not None, 120, "the learned baseline")
+        assert unit.baseline is not None
+        learned = unit.baseline.baseline_id
+        hub.wait_for(lambda: any(r["soundwatch"]["desired_version"] == 3 for r in hub.reported))
+
+        status, body = hub.call("relearnBaseline", {})
+        assert status == 200, body
+        assert body["dropped"] == learned and body["learning"]["learn_s"] == 60
+        assert unit.learning and not (tmp_path / "state" / "baseline.npz").exists()
+
+        status, body = hub.call("markFalseAlarm", {"seq": 1})
+        assert status == 400 and "no baseline yet" in body["error"], body
+        status, body = hub.call("relearnBaseline", {"now": True})
+        assert status == 400 and "takes no arguments" in body["error"], body
+        counts = runtime.health()["control"]["commands"]["iothub"]
+        assert counts["applied"] >= 2 and counts["refused"] == 2  # the twin's, relearn; two refused
+    finally:
+        stop.set()
+        worker.join(30)

@@ -615,15 +615,15 @@ def test_unreadable_files_raise_source_error(tmp_path: Path) -> None:
 
 
 def _simulate(block_s: float, **kwargs: Any) -> npt.NDArray[np.float32]:
-    args: dict[str, Any] = {
-        "schedule": "normal:0.5,imbalance:0.3,normal:0.2",
-        "sample_rate_hz": 16000,
-        "realtime": False,
-        "loop": False,
-        "block_s": block_s,
+    config = SimulatorSourceConfig(
+        schedule="normal:0.5,imbalance:0.3,normal:0.2",
+        rate_hz=16000,
+        realtime=False,
+        loop=False,
+        block_s=block_s,
         **kwargs,
-    }
-    blocks = _collect(SimulatorSource(**args))
+    )
+    blocks = _collect(SimulatorSource(config))
     assert all(b.start_sample == a.end_sample for a, b in itertools.pairwise(blocks))
     return np.concatenate([b.samples for b in blocks])
 
@@ -639,9 +639,9 @@ def test_simulator_is_deterministic_and_independent_of_block_size() -> None:
 
 def test_simulator_fault_at_follows_the_schedule() -> None:
     source = SimulatorSource(
-        [("normal", 0.5), ("imbalance", 0.3), ("normal", 0.2)],
-        sample_rate_hz=16000,
-        realtime=False,
+        SimulatorSourceConfig(
+            schedule="normal:0.5,imbalance:0.3,normal:0.2", rate_hz=16000, realtime=False
+        )
     )
     assert source.cycle_samples == 16000
     assert source.fault_at(0) == "normal"
@@ -664,9 +664,9 @@ def test_parse_schedule_and_its_errors() -> None:
     ]
     with pytest.raises(ValueError, match="schedule is empty"):
         parse_schedule(" ")
-    with pytest.raises(ValueError, match=r"item 2 'imbalance': expected 'class:seconds'"):
+    with pytest.raises(ValueError, match=r"item 2 'imbalance': expected 'state:seconds'"):
         parse_schedule("normal:60,imbalance")
-    with pytest.raises(ValueError, match=r"unknown class 'wobble' \(one of normal, imbalance"):
+    with pytest.raises(ValueError, match=r"unknown state 'wobble' \(one of normal, imbalance"):
         parse_schedule("wobble:3")
     with pytest.raises(ValueError, match="seconds must be a positive number"):
         parse_schedule("normal:-1")
@@ -686,7 +686,7 @@ def test_open_source_builds_each_kind_from_its_config_model(tmp_path: Path) -> N
         SimulatorSourceConfig(schedule="normal:1", unit=3, rate_hz=16000, realtime=False)
     )
     assert isinstance(sim, SimulatorSource)
-    assert (sim.unit_id, sim.sample_rate_hz) == (3, 16000)
+    assert (sim.config.unit, sim.sample_rate_hz) == (3, 16000)
     mic = open_source(MicSourceConfig(device="no such mic", preferred_rates_hz=(16000,)))
     assert isinstance(mic, MicSource) and mic.preferred_rates_hz == (16000,)
     mic.close()

@@ -39,8 +39,10 @@ from soundwatch.decision import (
     DecisionOutput,
     DecisionState,
     ModelClasses,
+    NoveltyDecision,
     WindowResult,
     WindowState,
+    learning_config,
 )
 from soundwatch.device_audio import DeviceAudioRing
 from soundwatch.events import (
@@ -59,6 +61,7 @@ from soundwatch.resample import StreamResampler
 from soundwatch.sinks import Sink, SinkContext, SinkKept, make_sink
 from soundwatch.sources import Source, open_source
 from soundwatch.stream_types import AudioBlock, SourceHealth
+from soundwatch.unit_baseline import UnitBaseline, UnitBaselineError
 from soundwatch.windowing import FeatureWindow, StreamingFeatures, hop_frames_for, window_level
 
 logger = logging.getLogger(__name__)
@@ -133,16 +136,24 @@ class Runtime:
         self.classifier = Classifier(self.bundle, threads=config.model.threads)
         self.extractor = FeatureExtractor(self.bundle.spec)
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        # The unit's own normal (learned, then judged against); None when off.
+        self.unit = (
+            UnitBaseline(config.baseline, config.state_dir, self.bundle.model_version)
+            if config.baseline.enabled
+            else None
+        )
         self.events = EventFactory.from_bundle(
             self.bundle,
             device_id=config.device_id,
             module_id=config.module_id,
             sequence=SequenceCounter(config.state_dir / "sequence"),
+            baseline=self.unit is not None,
         )
         self.stats = Stats()
         self._lock = threading.Lock()
+        self._classes = ModelClasses.from_bundle(self.bundle)
         try:
-            self._decision = DecisionState(config.decision, ModelClasses.from_bundle(self.bundle))
+            self._decision, self._decision_generation = self._make_decision(config)
         except DecisionConfigError as e:
             raise ConfigError("<config>", [("decision.thresholds", None, str(e))]) from e
         self._features = self._make_features(config)
@@ -163,6 +174,7 @@ class Runtime:
             class_names=self.bundle.class_names,
             health=self.health,
             latest_state=lambda: self._latest_state,
+            baseline=self.unit is not None,
         )
         # Each sink is bound as soon as it is built, before its worker can have
         # connected: an MQTT sink then knows to announce itself only with a
@@ -234,11 +246,13 @@ class Runtime:
         """
         new = apply_patch(self.config, patch, source)
         with self._lock:
-            if new.decision != self.config.decision:
+            if new.decision != self.config.decision or new.baseline != self.config.baseline:
                 try:
-                    self._decision.reconfigure(new.decision)
+                    self._reconfigure_decision(new)
                 except DecisionConfigError as e:
                     raise ConfigError(source, [("decision.thresholds", None, str(e))]) from e
+            if self.unit is not None and new.baseline != self.config.baseline:
+                self.unit.reconfigure(new.baseline)
             if new.window != self.config.window:
                 self._features = self._make_features(new)
             if new.log_level != self.config.log_level:
@@ -294,6 +308,7 @@ class Runtime:
                 **(self.control.health() if self.control is not None else {"state": "starting"}),
                 "channels": {c.name: c.health() for c in self.channels},
             },
+            "baseline": self.unit.health() if self.unit is not None else {"state": "off"},
             **{name: dict(status) for name, status in self._edges.items()},
             "windows": self.stats.windows,
             "events": dict(self.stats.events),
@@ -321,6 +336,8 @@ class Runtime:
             if resampler is not None:
                 self._process(resampler.flush())
         finally:
+            if self.unit is not None:
+                self.unit.close()  # keeps what was learned
             with self._lock:
                 closing = self._decision.finish()
             for out in closing:
@@ -391,18 +408,34 @@ class Runtime:
         prediction = self.classifier.predict(window.features)
         t1 = time.perf_counter()
         self.stats.observe("inference", t1 - t0)
-        result = WindowResult(
-            index=window.index,
-            start_s=window.start_s,
-            end_s=window.end_s,
-            # A window the model cannot judge keeps its class probabilities
-            # only in proportion: what is unknown votes for no fault.
-            probabilities=prediction.distribution[:-1],
-            level=window.level,
-            captured_at=window.captured_at,
-        )
+        # A window the model cannot judge keeps its class probabilities only
+        # in proportion: what is unknown votes for no fault.
+        probabilities = prediction.distribution[:-1]
         with self._lock:
-            outputs = self._decision.update(result)
+            verdict = None
+            closing = self._follow_baseline()  # dropped by a command since the last window
+            if self.unit is not None:
+                decision = self._decision
+                # While learning, what the classifier confidently calls a
+                # fault is not learned as this unit's normal.
+                fault = (
+                    (decision.would_vote(probabilities) or decision.current.active_class)
+                    if isinstance(decision, DecisionState)
+                    else None
+                )
+                verdict = self.unit.observe(window, fault)
+            result = WindowResult(
+                index=window.index,
+                start_s=window.start_s,
+                end_s=window.end_s,
+                probabilities=probabilities,
+                level=window.level,
+                captured_at=window.captured_at,
+                no_verdict=window.features.quality.problem,
+                baseline=verdict,
+            )
+            closing += self._follow_baseline()  # learned with this window
+            outputs = [*closing, *self._decision.update(result)]
             enabled = self.config.decision.enabled
         self.stats.observe("decision", time.perf_counter() - t1)
         self.stats.windows += 1
@@ -469,6 +502,91 @@ class Runtime:
             out.stream_end_s,
             why,
         )
+
+    # --- the unit's baseline -----------------------------------------------------
+
+    def _make_decision(self, config: Config) -> tuple[DecisionState | NoveltyDecision, int]:
+        """The decision that fits the baseline's state: the classifier alone (baseline
+        off), the classifier at strict thresholds (learning), or the novelty."""
+        unit = self.unit
+        if unit is None:
+            return DecisionState(config.decision, self._classes), 0
+        if unit.learning:
+            strict = learning_config(config.decision, config.baseline, self._classes)
+            return DecisionState(strict, self._classes), unit.generation
+        return NoveltyDecision(config.decision, config.baseline, self._classes), unit.generation
+
+    def _reconfigure_decision(self, config: Config) -> None:
+        decision = self._decision
+        if isinstance(decision, NoveltyDecision):
+            decision.reconfigure(config.decision, config.baseline)
+        elif self.unit is not None:
+            decision.reconfigure(learning_config(config.decision, config.baseline, self._classes))
+        else:
+            decision.reconfigure(config.decision)
+
+    def _follow_baseline(self) -> list[DecisionOutput]:
+        """When the baseline appeared or was dropped: decide the other way from now on.
+
+        The old decision closes like a source gap (an active anomaly ends with
+        reason ``reset``). Called with the lock held.
+        """
+        if self.unit is None or self.unit.generation == self._decision_generation:
+            return []
+        closing = self._decision.reset()
+        self._decision, self._decision_generation = self._make_decision(self.config)
+        logger.info(
+            "deciding %s from now on",
+            "on the classifier alone, at strict thresholds, while the unit's baseline is learned"
+            if self.unit.learning
+            else "on the unit's baseline (novelty), naming faults with the classifier",
+        )
+        return list(closing)
+
+    def relearn_baseline(self, origin: str) -> dict[str, Any]:
+        """Drop the unit's baseline and learn it again (the next window decides strictly)."""
+        return self._unit().relearn(origin)
+
+    def mark_false_alarm(self, seq: int, origin: str) -> dict[str, Any]:
+        """Add the windows of anomaly event ``seq`` to the unit's baseline.
+
+        Raises :class:`UnitBaselineError` when the baseline is off or not
+        learned yet, or the event is unknown or too old.
+        """
+        unit = self._unit()
+        unit.require_baseline()
+        with self._lock:
+            events = list(self._recent)
+            current = self._decision.current
+            last_index = current.last_window_index
+        event = next((e for e in events if e.seq == seq), None)
+        if event is None:
+            raise UnitBaselineError(
+                f"no anomaly event #{seq} among the last {len(events)} events of this run "
+                "(getRecentEvents lists them)",
+                "seq",
+            )
+        first, last = event.first_window_index, event.last_window_index
+        anomaly_id = event.event_id if event.ending is None else event.ending.started_event_id
+        # The whole anomaly: through its end, or through now while it lasts.
+        ended = next(
+            (e for e in events if e.ending is not None and e.ending.started_event_id == anomaly_id),
+            None,
+        )
+        if ended is not None:
+            first, last = ended.first_window_index, ended.last_window_index
+        elif current.anomaly_id == anomaly_id and last_index is not None:
+            last = last_index
+        data = unit.mark_false_alarm(first, last, f"event #{seq}", origin)
+        return {"seq": seq, "anomaly_id": anomaly_id, **data}
+
+    def _unit(self) -> UnitBaseline:
+        if self.unit is None:
+            raise UnitBaselineError(
+                "the per-unit baseline is off: set baseline.enabled: true and restart",
+                "baseline.enabled",
+            )
+        return self.unit
 
     def _publish(self, message: Message) -> None:
         if isinstance(message, Event):

@@ -153,7 +153,11 @@ class Baseline:
 
     def novelty(self, emb: F32) -> Novelty:
         groups = self.group_scores(emb)
-        return Novelty(round(max(groups.values()), 4), self.threshold, {k: round(v, 3) for k, v in groups.items()})
+        return Novelty(
+            round(max(groups.values()), 4),
+            self.threshold,
+            {k: round(v, 3) for k, v in groups.items()},
+        )
 
     def refit(self, extra: F32, learned_s: float = 0.0) -> Baseline:
         """The baseline learned again with ``extra`` windows added (a false alarm's)."""
@@ -252,6 +256,22 @@ class Baseline:
             "windows": self.windows,
             "created_at": self.created_at,
         }
+
+
+def peek(path: Path) -> dict[str, Any]:
+    """A baseline file's description without loading it for a model (for people and tools).
+
+    Raises :class:`BaselineError` for a file that is not a baseline.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            doc: dict[str, Any] = json.loads(bytes(npz["meta"]).decode())
+            kept = int(npz["kept"].shape[0])
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise BaselineError(f"{path}: unreadable baseline ({e})") from e
+    if doc.get("format") != BASELINE_FORMAT:
+        raise BaselineError(f"{path}: format {doc.get('format')!r} is not {BASELINE_FORMAT!r}")
+    return {**doc, "kept": kept, "bytes": path.stat().st_size}
 
 
 def _center_scale(data: F64, layout: Layout) -> tuple[F64, F64]:

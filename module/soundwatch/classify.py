@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from soundwatch.audio import Clip, decode_audio
+from soundwatch.baseline import Baseline, embedding
 from soundwatch.bundle import UNKNOWN, UNKNOWN_MESSAGE, Bundle
 from soundwatch.features import FeatureExtractor, WindowFeatures
 from soundwatch.model import Classifier, Prediction
@@ -90,10 +91,17 @@ class Classification:
 
 
 class ClipClassifier:
-    """Decodes, featurises and classifies whole clips with one bundle."""
+    """Decodes, featurises and classifies whole clips with one bundle.
 
-    def __init__(self, bundle: Bundle, threads: int = 1) -> None:
+    With a unit's ``baseline`` (learned with this bundle), each answer also
+    says how far the clip departs from that unit's normal: ``Novelty``
+    ``{"score", "threshold", "anomalous"}`` (higher is less like it), or
+    ``null`` for a clip that cannot be judged (too little usable audio).
+    """
+
+    def __init__(self, bundle: Bundle, threads: int = 1, baseline: Baseline | None = None) -> None:
         self.bundle = bundle
+        self.baseline = baseline
         self.extractor = FeatureExtractor(bundle.spec)
         self.model = Classifier(bundle, threads=threads)
         self.window_s = self.extractor.window_samples / bundle.spec.sample_rate_hz
@@ -118,6 +126,16 @@ class ClipClassifier:
         prediction = self.model.predict(features)
         t3 = time.perf_counter()
         timing = {"decode": decode_ms, "features": (t2 - t1) * 1e3, "inference": (t3 - t2) * 1e3}
+        extra: dict[str, Any] = {}
+        if self.baseline is not None:
+            extra["Novelty"] = None
+            if features.quality.problem is None:
+                n = self.baseline.novelty(embedding(features))
+                extra["Novelty"] = {
+                    "score": n.score,
+                    "threshold": n.threshold,
+                    "anomalous": n.anomalous,
+                }
         return Classification(
             prediction=prediction,
             message=self._message(prediction),
@@ -127,6 +145,7 @@ class ClipClassifier:
             source_duration_s=clip.source_duration_s,
             analysed_s=min(clip.duration_s, self.window_s),
             warnings=tuple(self._warnings(clip, features, prediction)),
+            extra=extra,
         )
 
     def _message(self, prediction: Prediction) -> str:
@@ -168,8 +187,10 @@ class ClipClassifier:
                 "(left out of the analysis)"
             )
         for jump in q.level_steps_db:
-            out.append(f"the level jumps by {jump:+.1f} dB inside the window (a gain change?): "
-                       "taken out before the analysis")
+            out.append(
+                f"the level jumps by {jump:+.1f} dB inside the window (a gain change?): "
+                "taken out before the analysis"
+            )
         if q.clipped_fraction > 0.001:
             out.append(f"{100 * q.clipped_fraction:.1f} % of the samples are clipped")
         out.extend(clip.notes)

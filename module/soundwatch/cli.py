@@ -401,10 +401,14 @@ def _print_plain(message: Message) -> None:
         probs = " ".join(f"{k}={v:.2f}" for k, v in message.probabilities.items())
         level = message.level
         warn = " CLIPPING" if level.clipping else (" SILENT" if level.silent else "")
+        from soundwatch.events import to_wire
+        from soundwatch.micview import baseline_line
+
+        baseline = baseline_line(to_wire(message))
         print(
             f"window {message.window_index}: {message.class_name} [{probs}] "
             f"rms {max(level.rms_dbfs, -200.0):.1f} dBFS peak {max(level.peak_dbfs, -200.0):.1f} "
-            f"dBFS{warn} active={message.active_class}",
+            f"dBFS{warn} active={message.active_class}" + (f"; {baseline}" if baseline else ""),
             flush=True,
         )
     else:
@@ -456,7 +460,18 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     try:
         bundle = load_bundle(args.bundle)
         litert_banner_to_log(bundle.model_path)
-        classifier = ClipClassifier(bundle, threads=args.threads)
+    except (BundleError, ModelError) as e:
+        return _fail(f"model: {e}")
+    baseline = None
+    if args.baseline is not None:
+        from soundwatch.baseline import Baseline, BaselineError
+
+        try:
+            baseline = Baseline.load(args.baseline, bundle.model_version)
+        except BaselineError as e:
+            return _fail(f"baseline: {e}")
+    try:
+        classifier = ClipClassifier(bundle, threads=args.threads, baseline=baseline)
     except (BundleError, ModelError) as e:
         return _fail(f"model: {e}")
     failures = 0
@@ -472,7 +487,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"File": name, **result.to_json()}), flush=True)
         else:
-            verdict = "ANOMALY" if result.anomaly else "no verdict" if result.label == "unknown" else "ok"
+            verdict = (
+                "ANOMALY" if result.anomaly else "no verdict" if result.label == "unknown" else "ok"
+            )
             probs = "  ".join(
                 f"{c}={p:.3f}"
                 for c, p in zip(result.class_names, result.probabilities, strict=True)
@@ -480,9 +497,149 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             print(f"{name}: {verdict}: {result.message} [{result.label}]")
             print(f"  {json.dumps(result.reference_response())}")
             print(f"  {probs}")
+            if baseline is not None:
+                print(f"  {_novelty_line(result.to_json().get('Novelty'))}")
             for warning in result.warnings:
                 print(f"  warning: {warning}")
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _novelty_line(novelty: dict[str, Any] | None) -> str:
+    if novelty is None:
+        return "novelty: no verdict (too little usable audio)"
+    verdict = (
+        "DIFFERS from this unit's normal" if novelty["anomalous"] else "like this unit's normal"
+    )
+    return f"novelty {novelty['score']:.4g} (threshold {novelty['threshold']:.4g}): {verdict}"
+
+
+# --- soundwatch baseline ... ----------------------------------------------------------------------
+
+
+def _cmd_baseline_learn(args: argparse.Namespace) -> int:
+    from soundwatch.baseline import BaselineError
+    from soundwatch.bundle import BundleError, load_bundle
+    from soundwatch.unit_baseline import learn_from_clips
+
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as e:
+        return _fail(f"model: {e}")
+    paths = [Path(p) for p in args.clips]
+    try:
+        baseline, report = learn_from_clips(
+            paths, bundle, hop_s=args.hop, false_alarm_rate=args.false_alarm_rate
+        )
+    except BaselineError as e:
+        return _fail(str(e))
+    failed = [r for r in report if r.error is not None]
+    for r in failed:
+        print(f"soundwatch: {r.path}: {r.error}", file=sys.stderr)
+    try:
+        baseline.save(args.out)
+    except OSError as e:
+        return _fail(f"cannot write {args.out}: {e}")
+    windows = sum(r.windows for r in report)
+    skipped = sum(r.skipped for r in report)
+    print(
+        f"{args.out}: baseline {baseline.baseline_id} for {bundle.model_version} from "
+        f"{windows} windows of {len(report) - len(failed)} clips"
+        + (f" ({skipped} windows skipped: too little usable audio)" if skipped else "")
+        + f"; novelty threshold {baseline.threshold:.4g} "
+        f"(false-alarm rate {baseline.false_alarm_rate:g} per window)"
+    )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _cmd_baseline_show(args: argparse.Namespace) -> int:
+    from soundwatch.baseline import BaselineError, peek
+    from soundwatch.stream_types import clock
+
+    try:
+        doc = peek(args.file)
+    except BaselineError as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    from datetime import datetime
+
+    created = doc.get("created_at")
+    when = (
+        datetime.fromtimestamp(created).isoformat(timespec="seconds")
+        if isinstance(created, int | float)
+        else "?"
+    )
+    print(
+        f"baseline {doc.get('baseline_id')}  ({args.file}, {doc.get('bytes', 0) / 1024:.0f} KiB)\n"
+        f"model: {doc.get('model_version')} (physics features version "
+        f"{doc.get('physics_version')})\n"
+        f"learned from {doc.get('windows')} windows, {clock(float(doc.get('learned_s', 0)))} "
+        f"of audio ({doc.get('kept')} kept); created {when}\n"
+        f"novelty threshold {doc.get('threshold')} at a false-alarm rate of "
+        f"{doc.get('false_alarm_rate')} per window\n"
+        f"groups: {', '.join(f'{n} ({k})' for n, k in doc.get('layout', []))}"
+    )
+    return EXIT_OK
+
+
+def _cmd_baseline_relearn(args: argparse.Namespace) -> int:
+    return _send_command(args, "relearnBaseline", None)
+
+
+def _cmd_baseline_false_alarm(args: argparse.Namespace) -> int:
+    return _send_command(args, "markFalseAlarm", {"seq": args.seq})
+
+
+def _send_command(args: argparse.Namespace, name: str, body: Any) -> int:
+    """A command to a running module over its HTTP API (``POST /commands/<name>``)."""
+    import urllib.error
+    import urllib.request
+
+    base = args.http if "://" in args.http else f"http://{args.http}"
+    url = f"{base.rstrip('/')}/commands/{name}"
+    data = json.dumps(body).encode() if body is not None else b""
+    request = urllib.request.Request(url, data=data, method="POST")
+    request.add_header("Content-Type", "application/json")
+    token = _command_token(args)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            answer = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            answer = json.loads(e.read() or b"{}")
+        except ValueError:
+            answer = {}
+        problems = answer.get("errors") or [
+            {"key": "(http)", "message": answer.get("Error") or f"HTTP {e.code}"}
+        ]
+        for p in problems:
+            print(
+                f"soundwatch: {name} refused: {p.get('key')}: {p.get('message')}", file=sys.stderr
+            )
+        return EXIT_FAILED
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return _fail(f"cannot reach the module at {base}: {reason}")
+    print(json.dumps(answer.get("data", answer), indent=2))
+    return EXIT_OK
+
+
+def _command_token(args: argparse.Namespace) -> str | None:
+    """The token for a module's commands: ``--http-token``, the environment, or else the
+    one a module started without a token wrote to its state directory (if readable here)."""
+    from soundwatch.http.options import COMMAND_TOKEN_FILE, TOKEN_ENV
+
+    if args.http_token is not None:
+        return str(args.http_token)
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    try:
+        return (args.state_dir / COMMAND_TOKEN_FILE).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _cmd_validate_config(args: argparse.Namespace) -> int:
@@ -724,6 +881,118 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     _add_http(p, default_address=None)
 
 
+def _add_baseline_commands(
+    sub: Any, subs: dict[str, argparse.ArgumentParser], parents: Sequence[argparse.ArgumentParser]
+) -> None:
+    """``soundwatch baseline learn|show|relearn|false-alarm``."""
+    top = subs["baseline"] = sub.add_parser(
+        "baseline",
+        help="a unit's baseline: learn one from recordings, show one, relearn, false alarms",
+        description=textwrap.fill(
+            "The per-unit baseline: each machine's own normal sound, which the module learns "
+            "first and then alarms on departures from. Learn one offline from recordings, "
+            "show a baseline file, or tell a running module to relearn or that an event was "
+            "a false alarm.",
+            79,
+        ),
+        epilog="examples:\n  soundwatch baseline learn --out unit7.npz normal/*.wav\n"
+        "  soundwatch baseline relearn --http 127.0.0.1:5000",
+        formatter_class=_Formatter,
+        parents=list(parents),
+    )
+    nested = top.add_subparsers(dest="baseline_command", required=True, metavar="ACTION")
+    p = _subcommand(
+        nested,
+        "learn",
+        summary="learn a baseline from recordings of one unit's normal sound",
+        description="Learn a unit's baseline from recordings of its normal sound. Each clip is "
+        "analysed as `soundwatch classify` does; a clip longer than a window gives a window "
+        "every --hop seconds. Use it with `soundwatch classify --baseline`.",
+        examples=[
+            "soundwatch baseline learn --out unit7.npz fan/id_07/normal/*.wav",
+            "soundwatch baseline learn --out day.npz --hop 2 long-recording.flac",
+        ],
+        func=_cmd_baseline_learn,
+        parents=parents,
+    )
+    p.add_argument("clips", nargs="+", metavar="CLIP")
+    p.add_argument("--out", type=Path, required=True, help="where to write the baseline")
+    p.add_argument("--hop", type=float, default=10.0, help="seconds between windows of a long clip")
+    p.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        default=0.01,
+        help="share of normal windows above the threshold",
+    )
+    _add_bundle(p)
+    p = _subcommand(
+        nested,
+        "show",
+        summary="describe a baseline file",
+        description="What a baseline file holds: its id, the model it belongs to, how much "
+        "audio it was learned from, its novelty threshold and false-alarm rate.",
+        examples=["soundwatch baseline show state/baseline.npz --json"],
+        func=_cmd_baseline_show,
+        parents=parents,
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--json", action="store_true", help="the whole description as JSON")
+    for name, summary, description, func in (
+        (
+            "relearn",
+            "tell a running module to learn this unit's baseline again",
+            "Drop the running module's baseline and learn the unit's normal sound again "
+            "(after maintenance, a move or a changed room); the classifier alone decides, "
+            "strictly, until it is learned. Sent over the module's HTTP API.",
+            _cmd_baseline_relearn,
+        ),
+        (
+            "false-alarm",
+            "tell a running module that an event was a false alarm",
+            "Mark an anomaly event of a running module as a false alarm: its windows join the "
+            "unit's baseline, whose threshold is recomputed. Sent over the module's HTTP API.",
+            _cmd_baseline_false_alarm,
+        ),
+    ):
+        example = "soundwatch baseline " + name + (" --seq 17" if name == "false-alarm" else "")
+        p = _subcommand(
+            nested,
+            name,
+            summary=summary,
+            description=description,
+            examples=[example, example + " --http http://edge-box:5000 --http-token $TOKEN"],
+            func=func,
+            parents=parents,
+        )
+        if name == "false-alarm":
+            p.add_argument("--seq", type=int, required=True, help="the event's seq")
+        _add_module_url(p)
+
+
+def _add_module_url(p: argparse.ArgumentParser) -> None:
+    from soundwatch.http.options import COMMAND_TOKEN_FILE, DEFAULT_ADDRESS, TOKEN_ENV
+
+    p.add_argument(
+        "--http",
+        metavar="URL",
+        default=f"http://{DEFAULT_ADDRESS}",
+        help="the running module's HTTP API",
+    )
+    p.add_argument(
+        "--http-token",
+        metavar="TOKEN",
+        help=f"its bearer token (default: ${TOKEN_ENV}, else the token the module wrote to "
+        f"--state-dir when it has none)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("state"),
+        help=f"the module's state directory, for its {COMMAND_TOKEN_FILE} (default: ./state)",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser, and each subcommand's own (for errors with its usage)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -812,7 +1081,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--threads", type=int, default=1, help="inference threads")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="FILE",
+        help="a unit's baseline (soundwatch baseline learn): also say how far each clip "
+        "departs from that unit's normal (Novelty)",
+    )
     _add_bundle(p)
+
+    _add_baseline_commands(sub, subs, parents)
 
     p = subs["validate-config"] = _subcommand(
         sub,

@@ -161,6 +161,10 @@ class ControlTarget(Protocol):
 
     def counters(self) -> dict[str, Any]: ...
 
+    def relearn_baseline(self, origin: str) -> dict[str, Any]: ...
+
+    def mark_false_alarm(self, seq: int, origin: str) -> dict[str, Any]: ...
+
 
 # --- parsing at the boundary ------------------------------------------------------------
 
@@ -395,6 +399,44 @@ def _get_recent_events(target: ControlTarget, args: Any, origin: str) -> dict[st
         raise invalid("before_seq", "before_seq must be an integer or null")
     events = [to_wire(e) for e in target.recent_events(limit, before)]
     return {"events": events, "count": len(events)}
+
+
+@command(
+    "relearnBaseline",
+    "drop this unit's baseline and learn its normal sound again",
+    changes=True,
+)
+def _relearn_baseline(target: ControlTarget, args: Any, origin: str) -> dict[str, Any]:
+    from soundwatch.unit_baseline import UnitBaselineError
+
+    doc = _object(args, "{}", empty_ok=True)
+    if doc:
+        raise invalid(sorted(doc)[0], "unknown key; relearnBaseline takes no arguments")
+    try:
+        return target.relearn_baseline(origin)
+    except UnitBaselineError as e:
+        raise invalid(e.key, str(e)) from None
+
+
+@command(
+    "markFalseAlarm",
+    "an anomaly event was a false alarm: its windows join this unit's baseline",
+    changes=True,
+)
+def _mark_false_alarm(target: ControlTarget, args: Any, origin: str) -> dict[str, Any]:
+    from soundwatch.unit_baseline import UnitBaselineError
+
+    doc = _object(args, '{"seq": 17}')
+    extra = sorted(set(doc) - {"seq"})
+    if extra:
+        raise invalid(extra[0], "unknown key; markFalseAlarm takes seq")
+    seq = doc.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise invalid("seq", "seq must be the positive integer seq of an anomaly event")
+    try:
+        return target.mark_false_alarm(seq, origin)
+    except UnitBaselineError as e:
+        raise invalid(e.key, str(e)) from None
 
 
 # --- the plane ------------------------------------------------------------------------------

@@ -71,8 +71,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-from soundwatch.config import DecisionConfig
-from soundwatch.stream_types import Level
+from soundwatch.config import BaselineConfig, ClassThreshold, DecisionConfig
+from soundwatch.stream_types import BaselineVerdict, Level, NoveltyReading
 
 if TYPE_CHECKING:
     from soundwatch.bundle import Bundle
@@ -106,6 +106,14 @@ class WindowResult:
     probabilities: tuple[float, ...]
     level: Level
     captured_at: float | None = None
+    # Why the window cannot be judged at all (a dropout, clipping), if so.
+    no_verdict: str | None = None
+    # The unit's baseline on this window (None when the baseline is off).
+    baseline: BaselineVerdict | None = None
+
+    @property
+    def novelty(self) -> NoveltyReading | None:
+        return None if self.baseline is None else self.baseline.novelty
 
     @property
     def wall_start(self) -> float | None:
@@ -193,6 +201,31 @@ def class_thresholds(
     return out
 
 
+def learning_config(
+    config: DecisionConfig, baseline: BaselineConfig, classes: ModelClasses
+) -> DecisionConfig:
+    """The classifier's decision controls while the unit's baseline is being learned.
+
+    Every fault class votes at ``max(on, during_learning.on)`` and stays
+    present down to ``max(off, during_learning.off)`` (never above its own
+    ``on``); K of N are ``during_learning``'s. Cooldown, warm-up, silence and
+    ``enabled`` are ``config``'s. Raises :class:`DecisionConfigError` as
+    :func:`class_thresholds` does.
+    """
+    strict = baseline.during_learning
+    thresholds = {}
+    for name, (on, off) in class_thresholds(config, classes).items():
+        strict_on = max(on, strict.on)
+        thresholds[name] = ClassThreshold(on=strict_on, off=min(strict_on, max(off, strict.off)))
+    return config.model_copy(
+        update={
+            "thresholds": thresholds,
+            "confirm_k": strict.confirm_k,
+            "confirm_n": strict.confirm_n,
+        }
+    )
+
+
 @dataclass(frozen=True)
 class AnomalyReport:
     """What is known about one anomaly over its span (see the module docstring)."""
@@ -211,6 +244,10 @@ class AnomalyReport:
     mean_probabilities: tuple[float, ...]
     level: Level
     decided_stream_s: float
+    # The highest novelty over the span against the threshold in force at the
+    # decision, and the baseline that decided; None when the classifier did.
+    novelty: NoveltyReading | None = field(default=None, kw_only=True)
+    baseline_id: str | None = field(default=None, kw_only=True)
 
     @property
     def duration_s(self) -> float:
@@ -259,10 +296,16 @@ class DecisionSnapshot:
 
 
 class _Span:
-    """Running aggregates over a run of windows, for one class."""
+    """Running aggregates over a run of windows, for one class.
 
-    def __init__(self, class_idx: int, n_classes: int) -> None:
+    ``class_idx`` is the class whose probability the span follows; for an
+    ``unknown`` anomaly (:class:`NoveltyDecision`) it is ``None`` and the span
+    follows the share the classifier gives to any fault, ``1 - p(normal)``.
+    """
+
+    def __init__(self, class_idx: int | None, n_classes: int, normal_idx: int = 0) -> None:
         self.class_idx = class_idx
+        self.normal_idx = normal_idx
         self.first: WindowResult | None = None
         self.last: WindowResult | None = None
         self.count = 0
@@ -272,6 +315,14 @@ class _Span:
         self.peak_dbfs = -math.inf
         self.clipping = False
         self.silent = True
+        self.strength_sum = 0.0
+        self.novelty_max: float | None = None
+
+    def strength(self, w: WindowResult) -> float:
+        """The probability this span follows, in one window."""
+        if self.class_idx is None:
+            return max(0.0, 1.0 - w.probabilities[self.normal_idx])
+        return w.probabilities[self.class_idx]
 
     def add(self, w: WindowResult) -> None:
         if self.first is None:
@@ -280,7 +331,11 @@ class _Span:
         self.count += 1
         for i, p in enumerate(w.probabilities):
             self.prob_sums[i] += p
-        self.max_p = max(self.max_p, w.probabilities[self.class_idx])
+        strength = self.strength(w)
+        self.strength_sum += strength
+        self.max_p = max(self.max_p, strength)
+        if w.novelty is not None:
+            self.novelty_max = max(self.novelty_max or 0.0, w.novelty.score)
         # Average RMS as power, the way a level meter over the span would.
         self.power_sum += 10.0 ** (w.level.rms_dbfs / 10.0)
         self.peak_dbfs = max(self.peak_dbfs, w.level.peak_dbfs)
@@ -297,6 +352,9 @@ class _Span:
         self.count += later.count
         self.prob_sums = [a + b for a, b in zip(self.prob_sums, later.prob_sums, strict=True)]
         self.max_p = max(self.max_p, later.max_p)
+        self.strength_sum += later.strength_sum
+        if later.novelty_max is not None:
+            self.novelty_max = max(self.novelty_max or 0.0, later.novelty_max)
         self.power_sum += later.power_sum
         self.peak_dbfs = max(self.peak_dbfs, later.peak_dbfs)
         self.clipping = self.clipping or later.clipping
@@ -389,6 +447,11 @@ class DecisionState:
         """The state after the last window (replaced atomically, never mutated)."""
         return self._snapshot
 
+    def would_vote(self, probabilities: tuple[float, ...]) -> str | None:
+        """The fault class these probabilities vote for at the thresholds in force, if any."""
+        vote = self._vote(probabilities)
+        return None if vote is None else self._names[vote]
+
     def update(self, window: WindowResult) -> list[DecisionOutput]:
         """Decide on one window.
 
@@ -431,7 +494,7 @@ class DecisionState:
         out.append(
             WindowState(
                 window=window,
-                top_class=self._names[max(range(len(probs)), key=probs.__getitem__)],
+                top_class=_top_class(probs, self._names),
                 vote=None if vote is None else self._names[vote],
                 active_class=None if active is None else self._names[active.class_idx],
                 anomaly_id=None if active is None else active.anomaly_id,
@@ -479,15 +542,7 @@ class DecisionState:
         return [ended]
 
     def _check(self, window: WindowResult) -> None:
-        probs = window.probabilities
-        if len(probs) != len(self._names):
-            raise ValueError(
-                f"window {window.index}: {len(probs)} probabilities for "
-                f"{len(self._names)} classes {list(self._names)}"
-            )
-        for name, p in zip(self._names, probs, strict=True):
-            if not (math.isfinite(p) and -_PROBABILITY_SLACK <= p <= 1.0 + _PROBABILITY_SLACK):
-                raise ValueError(f"window {window.index}: p({name}) = {p} is not a probability")
+        _check_probabilities(window, self._names)
 
     def _vote(self, probs: tuple[float, ...]) -> int | None:
         best: int | None = None
@@ -598,6 +653,306 @@ class DecisionState:
         first = None if active is None else active.committed.first
         self._snapshot = DecisionSnapshot(
             active_class=None if active is None else self._names[active.class_idx],
+            anomaly_id=None if active is None else active.anomaly_id,
+            active_since_s=None if first is None else first.start_s,
+            active_since_wall=None if first is None else first.wall_start,
+            windows_seen=self._windows_seen,
+            warming_up=warming,
+            last_window_index=None if self._last_window is None else self._last_window.index,
+        )
+
+
+def _check_probabilities(window: WindowResult, names: tuple[str, ...]) -> None:
+    """Refuse probabilities that do not match the classes (a wiring error)."""
+    probs = window.probabilities
+    if len(probs) != len(names):
+        raise ValueError(
+            f"window {window.index}: {len(probs)} probabilities for "
+            f"{len(names)} classes {list(names)}"
+        )
+    for name, p in zip(names, probs, strict=True):
+        if not (math.isfinite(p) and -_PROBABILITY_SLACK <= p <= 1.0 + _PROBABILITY_SLACK):
+            raise ValueError(f"window {window.index}: p({name}) = {p} is not a probability")
+
+
+def _top_class(probs: tuple[float, ...], names: tuple[str, ...]) -> str:
+    return names[max(range(len(probs)), key=probs.__getitem__)]
+
+
+# --- decisions on the unit's baseline ------------------------------------------------------
+
+#: The class of an anomaly that the baseline found and the classifier does not name.
+UNKNOWN_CLASS = "unknown"
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """One judged window in a :class:`NoveltyDecision`'s history."""
+
+    window: WindowResult
+    novel: bool  # votes: novelty above the threshold
+    present: bool  # novelty above the off level
+    named: int | None  # the fault class the classifier is confident of, if it votes
+
+
+@dataclass
+class _NoveltyActive:
+    anomaly_id: str
+    class_idx: int | None  # None: unknown
+    committed: _Span
+    pending: _Span
+
+
+class NoveltyDecision:
+    """Decisions on the unit's baseline, once it is learned (semantics below).
+
+    K = ``baseline.confirm_k``, N = ``baseline.confirm_n``; the last N are the
+    last N *judged* windows since start or :meth:`reset`.
+
+    * **Judged.** A window with a ``no_verdict`` (dropout, clipping: the
+      classifier's unknown for bad quality) or without a novelty reading casts
+      no vote either way: it does not enter the last N at all.
+    * **Vote.** A judged window votes when its novelty score is above the
+      baseline's threshold (and it is past warm-up and, with
+      ``suppress_when_silent``, not silent). A voting window also *names* a
+      fault class when the classifier is confident of it: its probability
+      reaches ``max(on, baseline.name_on)`` (``on``: the class's threshold in
+      ``decision.thresholds``, else the bundle's); the most probable such class.
+    * **Present.** While an anomaly is active, a judged window keeps it
+      present when its novelty is above ``off_ratio`` x threshold (hysteresis)
+      and it is not muted as silent.
+    * **Start.** An anomaly starts when at least K of the last N windows vote,
+      unless it is within ``decision.cooldown_s`` of the end of the previous
+      one. Its class is the fault class named by most (more than half) of
+      the voting windows among the last N; otherwise ``unknown``.
+    * **Naming later.** While an anomaly is active, if at least K of the last N
+      windows vote and more than half of them name a fault class other than
+      the active one, the anomaly ends (``class_change``) and one of that class
+      starts on the same window. It never changes back to ``unknown``.
+    * **End.** ``cleared`` when fewer than K of the last N windows are present;
+      ``reset`` / ``stream_end`` as in :class:`DecisionState`.
+    * **Span and reports** as in :class:`DecisionState`, from the first voting
+      window in the last N. The followed probability is the named class's, or
+      ``1 - p(normal)`` for ``unknown``. Reports carry the highest novelty
+      over the span with the threshold in force, and the baseline's id.
+
+    A fault the classifier names while the novelty stays low raises nothing:
+    the unit's own normal wins.
+    """
+
+    def __init__(
+        self,
+        config: DecisionConfig,
+        baseline: BaselineConfig,
+        classes: ModelClasses,
+        *,
+        new_anomaly_id: Callable[[], str] | None = None,
+    ) -> None:
+        self._classes = classes
+        self._names = classes.names
+        self._normal_idx = classes.names.index(classes.normal)
+        self._new_id = new_anomaly_id or (lambda: str(uuid.uuid4()))
+        self._cooldown_until: tuple[float, float] | None = None
+        self.reconfigure(config, baseline)
+        self._history: deque[_Judged]
+        self._windows_seen: int
+        self._active: _NoveltyActive | None
+        self._last_window: WindowResult | None
+        self._snapshot: DecisionSnapshot
+        self._clear()
+
+    def reconfigure(self, config: DecisionConfig, baseline: BaselineConfig) -> None:
+        """New controls from the next window on; the state of the stream is kept."""
+        pairs = class_thresholds(config, self._classes)
+        self._on = tuple(
+            max(pairs[n][0], baseline.name_on) if n in pairs else math.inf for n in self._names
+        )
+        self._config = config
+        self._baseline = baseline
+        if hasattr(self, "_history"):
+            self._history = deque(self._history, maxlen=baseline.confirm_n)
+
+    @property
+    def current(self) -> DecisionSnapshot:
+        return self._snapshot
+
+    def update(self, window: WindowResult) -> list[DecisionOutput]:
+        """Decide on one window: ends, starts, then always one :class:`WindowState`."""
+        _check_probabilities(window, self._names)
+        cfg, base = self._config, self._baseline
+        novelty = window.novelty
+        self._windows_seen += 1
+        warming = self._windows_seen <= cfg.warmup_windows
+        out: list[DecisionOutput] = []
+        vote: str | None = None
+        if window.no_verdict is None and novelty is not None:
+            muted = cfg.suppress_when_silent and window.level.silent
+            novel = not warming and not muted and novelty.score > novelty.threshold
+            named = self._named(window.probabilities) if novel else None
+            present = not muted and novelty.score > base.off_ratio * novelty.threshold
+            self._history.append(_Judged(window, novel, present, named))
+            self._last_window = window
+            if novel:
+                vote = UNKNOWN_CLASS if named is None else self._names[named]
+            out.extend(self._decide(window, present))
+        active = self._active
+        out.append(
+            WindowState(
+                window=window,
+                top_class=_top_class(window.probabilities, self._names),
+                vote=vote,
+                active_class=None if active is None else self._class_name(active.class_idx),
+                anomaly_id=None if active is None else active.anomaly_id,
+                warming_up=warming,
+            )
+        )
+        self._publish_snapshot(warming)
+        return out
+
+    def reset(self) -> list[AnomalyEnded]:
+        """Forget the stream (a source gap, another baseline); the cooldown is kept."""
+        out = self._close("reset")
+        self._clear()
+        return out
+
+    def finish(self) -> list[AnomalyEnded]:
+        """The stream ended: close any active anomaly (``stream_end``); as new afterwards."""
+        out = self._close("stream_end")
+        self._clear()
+        self._cooldown_until = None
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _decide(self, window: WindowResult, present: bool) -> list[DecisionOutput]:
+        out: list[DecisionOutput] = []
+        k = self._baseline.confirm_k
+        active = self._active
+        if active is not None:
+            if present:
+                active.committed.absorb(active.pending)
+                active.committed.add(window)
+                active.pending = self._span(active.class_idx)
+            else:
+                active.pending.add(window)
+            if sum(j.present for j in self._history) < k:
+                out.append(self._end(window, "cleared"))
+        votes = [j for j in self._history if j.novel]
+        if len(votes) < k:
+            return out
+        named = self._majority(votes)
+        if self._active is None:
+            if not self._in_cooldown(window.end_s):
+                out.append(self._start(named, window))
+        elif named is not None and named != self._active.class_idx:
+            out.append(self._end(window, "class_change"))
+            out.append(self._start(named, window))
+        return out
+
+    def _named(self, probs: tuple[float, ...]) -> int | None:
+        best: int | None = None
+        for i, p in enumerate(probs):
+            if i != self._normal_idx and p >= self._on[i] and (best is None or p > probs[best]):
+                best = i
+        return best
+
+    @staticmethod
+    def _majority(votes: list[_Judged]) -> int | None:
+        counts: dict[int, int] = {}
+        for j in votes:
+            if j.named is not None:
+                counts[j.named] = counts.get(j.named, 0) + 1
+        for c, n in counts.items():
+            if 2 * n > len(votes):
+                return c
+        return None
+
+    def _class_name(self, class_idx: int | None) -> str:
+        return UNKNOWN_CLASS if class_idx is None else self._names[class_idx]
+
+    def _span(self, class_idx: int | None) -> _Span:
+        return _Span(class_idx, len(self._names), self._normal_idx)
+
+    def _in_cooldown(self, now_s: float) -> bool:
+        if self._cooldown_until is None:
+            return False
+        ended_s, until_s = self._cooldown_until
+        return ended_s <= now_s < until_s
+
+    def _start(self, class_idx: int | None, window: WindowResult) -> AnomalyStarted:
+        committed, pending = self._span(class_idx), self._span(class_idx)
+        started = False
+        for j in self._history:
+            started = started or j.novel
+            if not started:
+                continue
+            if j.present:
+                committed.absorb(pending)
+                committed.add(j.window)
+                pending = self._span(class_idx)
+            else:
+                pending.add(j.window)
+        active = _NoveltyActive(self._new_id(), class_idx, committed, pending)
+        self._active = active
+        report = AnomalyStarted(**self._report_fields(active, window))
+        logger.debug(
+            "novelty anomaly started: %s at window %d (novelty %s)",
+            report.class_name,
+            window.index,
+            report.novelty,
+        )
+        return report
+
+    def _end(self, window: WindowResult, reason: EndReason) -> AnomalyEnded:
+        active = self._active
+        assert active is not None  # callers check
+        report = AnomalyEnded(**self._report_fields(active, window), reason=reason)
+        self._cooldown_until = (window.end_s, window.end_s + self._config.cooldown_s)
+        self._active = None
+        logger.debug("novelty anomaly ended (%s): %s", reason, report.class_name)
+        return report
+
+    def _close(self, reason: EndReason) -> list[AnomalyEnded]:
+        if self._active is None or self._last_window is None:
+            return []
+        return [self._end(self._last_window, reason)]
+
+    def _report_fields(self, active: _NoveltyActive, window: WindowResult) -> dict[str, Any]:
+        span = active.committed
+        assert span.first is not None and span.last is not None  # a span starts with a vote
+        threshold = window.novelty.threshold if window.novelty is not None else math.nan
+        novelty = None if span.novelty_max is None else NoveltyReading(span.novelty_max, threshold)
+        return {
+            "anomaly_id": active.anomaly_id,
+            "class_name": self._class_name(active.class_idx),
+            "first_window_index": span.first.index,
+            "last_window_index": span.last.index,
+            "window_count": span.count,
+            "stream_start_s": span.first.start_s,
+            "stream_end_s": span.last.end_s,
+            "wall_start": span.first.wall_start,
+            "wall_end": span.last.captured_at,
+            "probability_max": span.max_p,
+            "probability_mean": span.strength_sum / span.count,
+            "mean_probabilities": tuple(x / span.count for x in span.prob_sums),
+            "level": span.level(),
+            "decided_stream_s": window.end_s,
+            "novelty": novelty,
+            "baseline_id": None if window.baseline is None else window.baseline.baseline_id,
+        }
+
+    def _clear(self) -> None:
+        self._history = deque(maxlen=self._baseline.confirm_n)
+        self._windows_seen = 0
+        self._active = None
+        self._last_window = None
+        self._publish_snapshot(self._config.warmup_windows > 0)
+
+    def _publish_snapshot(self, warming: bool) -> None:
+        active = self._active
+        first = None if active is None else active.committed.first
+        self._snapshot = DecisionSnapshot(
+            active_class=None if active is None else self._class_name(active.class_idx),
             anomaly_id=None if active is None else active.anomaly_id,
             active_since_s=None if first is None else first.start_s,
             active_since_wall=None if first is None else first.wall_start,

@@ -60,6 +60,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, overload
 
 from soundwatch.decision import (
+    UNKNOWN_CLASS,
     AnomalyEnded,
     AnomalyReport,
     AnomalyStarted,
@@ -67,7 +68,7 @@ from soundwatch.decision import (
     EndReason,
     WindowState,
 )
-from soundwatch.stream_types import Level
+from soundwatch.stream_types import BaselineVerdict, LearningProgress, Level, NoveltyReading
 
 if TYPE_CHECKING:
     from soundwatch.bundle import Bundle
@@ -81,6 +82,9 @@ LEVEL_FLOOR_DBFS = -200.0
 _PROB_DIGITS = 6
 _TIME_DIGITS = 6
 _DB_DIGITS = 2
+_NOVELTY_DIGITS = 4
+#: The message of an anomaly the unit's baseline found and no class names.
+NOVELTY_MESSAGE = "Sound differs from this unit's normal"
 
 
 class SequenceError(RuntimeError):
@@ -283,6 +287,10 @@ class Event:
     window_count: int
     level: Level
     ending: Ending | None = None
+    # The unit's baseline: None when it is off (the keys are left out);
+    # otherwise its id and the anomaly's highest novelty, both None while
+    # the baseline is being learned (the classifier decided).
+    baseline: BaselineVerdict | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "probabilities", MappingProxyType(dict(self.probabilities)))
@@ -314,6 +322,9 @@ class State:
     wall_end: float | None
     emitted_at: float
     level: Level
+    # The unit's baseline on this window: None when it is off (the keys are
+    # left out); while learning, its progress.
+    baseline: BaselineVerdict | None = None
 
     kind: ClassVar[str] = "state"
 
@@ -353,6 +364,21 @@ def _s(value: float) -> float:
     return round(value, _TIME_DIGITS)
 
 
+def _novelty(novelty: NoveltyReading | None) -> dict[str, float] | None:
+    if novelty is None:
+        return None
+    return {
+        "score": round(novelty.score, _NOVELTY_DIGITS),
+        "threshold": round(novelty.threshold, _NOVELTY_DIGITS),
+    }
+
+
+def _learning(progress: LearningProgress | None) -> dict[str, float] | None:
+    if progress is None:
+        return None
+    return {"learned_s": round(progress.learned_s, 1), "learn_s": round(progress.learn_s, 1)}
+
+
 def _origin(origin: Origin) -> dict[str, Any]:
     return {
         "device_id": origin.device_id,
@@ -369,7 +395,7 @@ def to_wire(message: Message) -> dict[str, Any]:
     are made here and nowhere else.
     """
     if isinstance(message, State):
-        return {
+        state = {
             "schema_version": SCHEMA_VERSION,
             "type": "state",
             **_origin(message.origin),
@@ -389,6 +415,11 @@ def to_wire(message: Message) -> dict[str, Any]:
             "emitted_at": iso_utc(message.emitted_at),
             "level": _level(message.level),
         }
+        if message.baseline is not None:
+            state["novelty"] = _novelty(message.baseline.novelty)
+            state["baseline_id"] = message.baseline.baseline_id
+            state["learning"] = _learning(message.baseline.learning)
+        return state
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "type": message.kind,
@@ -416,6 +447,9 @@ def to_wire(message: Message) -> dict[str, Any]:
         doc["started_event_id"] = message.ending.started_event_id
         doc["duration_s"] = _s(message.ending.duration_s)
         doc["reason"] = message.ending.reason
+    if message.baseline is not None:
+        doc["novelty"] = _novelty(message.baseline.novelty)
+        doc["baseline_id"] = message.baseline.baseline_id
     return doc
 
 
@@ -443,7 +477,10 @@ class EventFactory:
     ``messages`` maps every class to its human message (the reference service'
     ``Message``). ``clock`` gives ``emitted_at`` (default ``time.time``).
     Building an anomaly event takes a number from ``sequence``; use one
-    factory per pipeline so that ``seq`` follows emission order.
+    factory per pipeline so that ``seq`` follows emission order. With
+    ``baseline``, messages carry the unit's baseline (``novelty``,
+    ``baseline_id``, and for states ``learning``), and an ``unknown`` anomaly
+    says :data:`NOVELTY_MESSAGE`.
     """
 
     def __init__(
@@ -457,6 +494,7 @@ class EventFactory:
         *,
         normal_class: str = "normal",
         clock: Callable[[], float] = time.time,
+        baseline: bool = False,
     ) -> None:
         missing = [c for c in class_names if c not in messages]
         if missing:
@@ -469,6 +507,8 @@ class EventFactory:
         self.origin = Origin(device_id, module_id, model_version)
         self._names = tuple(class_names)
         self._messages = {c: messages[c] for c in self._names}
+        self._baseline = baseline
+        self._messages.setdefault(UNKNOWN_CLASS, NOVELTY_MESSAGE)
         self._normal = normal_class
         self._sequence = sequence
         self._clock = clock
@@ -482,6 +522,7 @@ class EventFactory:
         sequence: SequenceCounter,
         *,
         clock: Callable[[], float] = time.time,
+        baseline: bool = False,
     ) -> EventFactory:
         """A factory for a loaded bundle's classes, messages and version."""
         normal = [c.name for c in bundle.classes if not c.anomaly]
@@ -498,6 +539,7 @@ class EventFactory:
             sequence,
             normal_class=normal[0],
             clock=clock,
+            baseline=baseline,
         )
 
     @property
@@ -559,6 +601,7 @@ class EventFactory:
             wall_end=w.captured_at,
             emitted_at=self._clock(),
             level=w.level,
+            baseline=(w.baseline or BaselineVerdict(None, None)) if self._baseline else None,
         )
 
     def _probabilities(self, values: Sequence[float]) -> dict[str, float]:
@@ -590,6 +633,7 @@ class EventFactory:
             window_count=r.window_count,
             level=r.level,
             ending=ending,
+            baseline=BaselineVerdict(r.baseline_id, r.novelty) if self._baseline else None,
         )
 
 

@@ -9,7 +9,11 @@ config message per entity under ``<discovery prefix>/<component>/<node id>/
   active class and anomaly id as attributes;
 * one ``sensor`` per class: *<class> probability*, the latest window's
   probability of that class in percent;
-* ``sensor`` *Level*: the latest window's RMS level in dBFS.
+* ``sensor`` *Level*: the latest window's RMS level in dBFS;
+* with the per-unit baseline on, ``sensor`` *Novelty*: how far the latest
+  window departs from the unit's normal (unknown while it is learned), with
+  the threshold and baseline id as attributes, and ``sensor`` *Baseline
+  learned*: how much of the learning period is done, in percent.
 
 Every entity reads the module's retained ``state`` topic and uses its
 ``status`` topic for availability (``online`` / ``offline``, the Last Will),
@@ -57,8 +61,10 @@ def discovery_messages(
     status_topic: str,
     discovery_prefix: str = DEFAULT_PREFIX,
     sw_version: str = "",
+    baseline: bool = False,
 ) -> list[DiscoveryMessage]:
-    """The config messages for the anomaly binary sensor, class probabilities and level."""
+    """The config messages for the anomaly binary sensor, class probabilities and level
+    (and, with ``baseline``, the novelty and the learning progress)."""
     node = node_id(device_id, module_id)
     device: dict[str, Any] = {
         "identifiers": [node],
@@ -130,4 +136,47 @@ def discovery_messages(
             },
         )
     )
+    if baseline:
+        out.extend(_baseline_entities(discovery_prefix, node, common))
     return out
+
+
+def _baseline_entities(prefix: str, node: str, common: dict[str, Any]) -> list[DiscoveryMessage]:
+    """Novelty (unknown while learning or for a window not judged) and learning progress."""
+    return [
+        DiscoveryMessage(
+            f"{prefix}/sensor/{node}/novelty/config",
+            {
+                **common,
+                "name": "Novelty",
+                "unique_id": f"{node}_novelty",
+                "state_class": "measurement",
+                "suggested_display_precision": 2,
+                "value_template": (
+                    "{{ value_json.novelty.score if value_json.novelty else none }}"
+                ),
+                "json_attributes_topic": common["state_topic"],
+                "json_attributes_template": (
+                    "{{ {'threshold': value_json.novelty.threshold if value_json.novelty "
+                    "else none, 'baseline_id': value_json.baseline_id} | tojson }}"
+                ),
+                "icon": "mdi:chart-bell-curve",
+            },
+        ),
+        DiscoveryMessage(
+            f"{prefix}/sensor/{node}/baseline_learned/config",
+            {
+                **common,
+                "name": "Baseline learned",
+                "unique_id": f"{node}_baseline_learned",
+                "unit_of_measurement": "%",
+                "state_class": "measurement",
+                "suggested_display_precision": 0,
+                "value_template": (
+                    "{{ (100 * value_json.learning.learned_s / value_json.learning.learn_s) "
+                    "| round(1) if value_json.learning else 100 }}"
+                ),
+                "icon": "mdi:school",
+            },
+        ),
+    ]

@@ -83,9 +83,38 @@ def event_line(ev: Mapping[str, Any]) -> str:
         f"#{ev.get('seq')} {kind} {ev.get('class')} p_max={ev.get('probability_max', 0):.2f} "
         f"(stream {ev.get('stream_start_s', 0):.1f}–{ev.get('stream_end_s', 0):.1f} s)"
     )
+    novelty = ev.get("novelty")
+    if novelty:
+        line += f" novelty {novelty['score']:.3g}/{novelty['threshold']:.3g}"
     if ev.get("type") == "anomaly_ended":
         line += f" {ev.get('reason')} after {ev.get('duration_s', 0):.1f} s"
     return line
+
+
+def baseline_line(state: Mapping[str, Any] | None) -> str | None:
+    """The unit's baseline in a line: ``learning: 7:12 of 10:00``, or the window's novelty.
+
+    ``None`` when the baseline is off (the state has no ``learning`` key).
+    """
+    if not state or "learning" not in state:
+        return None
+    learning = state.get("learning")
+    if learning:
+        from soundwatch.stream_types import LearningProgress
+
+        progress = LearningProgress(learning["learned_s"], learning["learn_s"])
+        return (
+            f"baseline {progress.describe()} ({100 * progress.fraction:.0f} %); "
+            "until then the classifier alone decides, strictly"
+        )
+    novelty = state.get("novelty")
+    if not novelty:
+        return f"baseline {state.get('baseline_id')}: novelty – (window not judged)"
+    mark = "  ◀ differs" if novelty["score"] > novelty["threshold"] else ""
+    return (
+        f"baseline {state.get('baseline_id')}: novelty {novelty['score']:.3g} "
+        f"(threshold {novelty['threshold']:.3g}){mark}"
+    )
 
 
 def _wrapped(text: str, width: int, first: str, rest: str) -> list[str]:
@@ -137,6 +166,9 @@ def render(snap: MicSnapshot, width: int = 78) -> str:
             f"decision: {verdict}   window #{state.get('window_index')} "
             f"({state.get('stream_start_s', 0):.1f}–{state.get('stream_end_s', 0):.1f} s)"
         )
+    baseline = baseline_line(state)
+    if baseline:
+        lines.extend(_wrapped(baseline, width, "", "  "))
     warns = warnings_for(snap)
     lines.append("")
     if warns:

@@ -264,6 +264,9 @@ def stream_config(work_dir: Path, wav: Path, bundle: Bundle) -> Config:
             "state_dir": str(work_dir / "state"),
             "model": {"bundle": str(bundle.path)},
             "source": {"type": "file", "path": str(wav), "realtime": False},
+            # The step checks the classifier's path; a fresh unit would first
+            # learn its own baseline (a day by default) before judging by it.
+            "baseline": {"enabled": False},
             "sinks": [{"type": "jsonl", "path": str(work_dir / "events.jsonl")}],
         },
     )

@@ -58,3 +58,57 @@ class SourceHealth:
     overflows: int = 0
     reopens: int = 0
     samples: int = 0
+
+
+@dataclass(frozen=True)
+class NoveltyReading:
+    """How far audio departs from the unit's baseline: ``score`` against ``threshold``.
+
+    Higher is less like the unit's normal; above the threshold a window is novel.
+    """
+
+    score: float
+    threshold: float
+
+    @property
+    def novel(self) -> bool:
+        return self.score > self.threshold
+
+
+@dataclass(frozen=True)
+class LearningProgress:
+    """How far the unit's baseline is learned: ``learned_s`` of ``learn_s`` stream seconds."""
+
+    learned_s: float
+    learn_s: float
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.learned_s / self.learn_s) if self.learn_s > 0 else 1.0
+
+    def describe(self) -> str:
+        """``learning: 7:12 of 10:00`` (hours when longer)."""
+        return f"learning: {clock(self.learned_s)} of {clock(self.learn_s)}"
+
+
+@dataclass(frozen=True)
+class BaselineVerdict:
+    """What the unit's baseline says about one window.
+
+    While learning, ``baseline_id`` and ``novelty`` are ``None`` and
+    ``learning`` says how far it got; once learned, ``learning`` is ``None``.
+    ``novelty`` is also ``None`` for a window that cannot be judged (dropout,
+    clipping).
+    """
+
+    baseline_id: str | None
+    novelty: NoveltyReading | None
+    learning: LearningProgress | None = None
+
+
+def clock(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss`` for a duration."""
+    total = max(0, int(seconds))
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

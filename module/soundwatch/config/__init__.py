@@ -44,6 +44,7 @@ from soundwatch.config.yamlsrc import (
 
 __all__ = [
     "LIVE_KEYS",
+    "BaselineConfig",
     "Config",
     "ConfigError",
     "apply_patch",
@@ -242,6 +243,94 @@ class DecisionConfig(_Strict):
 
     @model_validator(mode="after")
     def _k_le_n(self) -> DecisionConfig:
+        if self.confirm_k > self.confirm_n:
+            raise ValueError(
+                f"confirm_k ({self.confirm_k}) must not exceed confirm_n ({self.confirm_n})"
+            )
+        return self
+
+
+# --- the per-unit baseline -----------------------------------------------------
+
+# A day of stream time covers a factory's daily rhythm (shifts, breaks, the
+# background of the day and of the night); real products learn for longer
+# (Amazon Monitron: 14-21 days), the tests for a few minutes.
+DEFAULT_LEARN_S = 86_400.0
+MIN_LEARN_S = 60.0
+MAX_LEARN_S = 30 * 86_400.0
+
+
+class LearningDecisionConfig(_Strict):
+    """How the classifier alone decides while the unit's baseline is being learned.
+
+    Stricter than ``decision``: a model trained elsewhere misjudges some
+    units' normal sound, and until the baseline exists nothing else checks it.
+    """
+
+    on: float = Field(
+        0.9,
+        gt=0,
+        le=MAX_ON_THRESHOLD,
+        description="every fault class votes at p >= max(its own on, this)",
+    )
+    off: float = Field(
+        0.7,
+        ge=MIN_OFF_THRESHOLD,
+        le=1,
+        description="and stays present down to max(its own off, this)",
+    )
+    confirm_k: int = Field(12, ge=1, le=1000, description="windows that must agree ...")
+    confirm_n: int = Field(15, ge=1, le=1000, description="... out of the last N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LearningDecisionConfig:
+        if self.off > self.on:
+            raise ValueError(f"off ({self.off}) must not exceed on ({self.on})")
+        if self.confirm_k > self.confirm_n:
+            raise ValueError(
+                f"confirm_k ({self.confirm_k}) must not exceed confirm_n ({self.confirm_n})"
+            )
+        return self
+
+
+class BaselineConfig(_Strict):
+    """The per-unit baseline: learn the unit's own normal, then alarm on departures from it."""
+
+    enabled: bool = Field(
+        True, description="false: the classifier alone decides (decision.*), nothing is learned"
+    )
+    learn_s: float = Field(
+        DEFAULT_LEARN_S,
+        ge=MIN_LEARN_S,
+        le=MAX_LEARN_S,
+        description="stream seconds of usable audio to learn from (silent, clipped, dropout "
+        "and fault windows do not count)",
+    )
+    false_alarm_rate: float = Field(
+        0.01,
+        gt=0,
+        lt=0.5,
+        description="share of the unit's normal windows whose novelty lies above the "
+        "threshold (per window, before confirmation)",
+    )
+    confirm_k: int = Field(12, ge=1, le=1000, description="novel windows that must agree ...")
+    confirm_n: int = Field(15, ge=1, le=1000, description="... out of the last N")
+    off_ratio: float = Field(
+        0.8,
+        ge=0.1,
+        le=1.0,
+        description="an anomaly stays present while novelty > off_ratio x threshold",
+    )
+    name_on: float = Field(
+        0.9,
+        ge=0,
+        le=MAX_ON_THRESHOLD,
+        description="the classifier names a novel window's fault at p >= max(its on, this)",
+    )
+    during_learning: LearningDecisionConfig = LearningDecisionConfig()
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> BaselineConfig:
         if self.confirm_k > self.confirm_n:
             raise ValueError(
                 f"confirm_k ({self.confirm_k}) must not exceed confirm_n ({self.confirm_n})"
@@ -505,6 +594,7 @@ class Config(_Strict):
     source: SourceConfig = SimulatorSourceConfig()
     window: WindowConfig = WindowConfig()
     decision: DecisionConfig = DecisionConfig()
+    baseline: BaselineConfig = BaselineConfig()
     sinks: tuple[SinkConfig, ...] = (ConsoleSinkConfig(),)
 
     @field_validator("decision")
@@ -533,6 +623,30 @@ class Config(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return decision
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_fits_the_hop(
+        cls, baseline: BaselineConfig, info: ValidationInfo
+    ) -> BaselineConfig:
+        window = info.data.get("window")
+        if not isinstance(window, WindowConfig):
+            return baseline  # the window's own error is reported
+        problems = []
+        for name, n in (
+            ("confirm_n", baseline.confirm_n),
+            ("during_learning.confirm_n", baseline.during_learning.confirm_n),
+        ):
+            span_s = n * window.hop_s
+            if span_s > MAX_DECISION_SPAN_S:
+                problems.append(
+                    f"{name} ({n}) windows at hop_s {window.hop_s:g} span {span_s:g} s: an "
+                    "anomaly could take that long to confirm and as long to clear; keep "
+                    f"{name} x hop_s <= {MAX_DECISION_SPAN_S:g} s"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return baseline
 
     @field_validator("sinks")
     @classmethod
@@ -655,6 +769,15 @@ LIVE_KEYS: tuple[str, ...] = (
     "window.hop_s",
     "window.silence_rms_dbfs",
     "decision",
+    # The baseline's decision and learning targets; turning it on or off
+    # changes what the pipeline is, so baseline.enabled is read at start-up.
+    "baseline.learn_s",
+    "baseline.false_alarm_rate",
+    "baseline.confirm_k",
+    "baseline.confirm_n",
+    "baseline.off_ratio",
+    "baseline.name_on",
+    "baseline.during_learning",
 )
 RESTART_ONLY = "takes effect at start-up only: change it in the config file and restart"
 

@@ -135,10 +135,7 @@ def plan_clips(root: Path, plan: ClipPlan, seed: int) -> list[ClipJob]:
                     )
                     rng = rng_for(TAG_PLAN, clip_seed)
                     schedule, ramp = _schedule(rng, state, plan)
-                    if snr is None:
-                        snr_value = float(rng.uniform(-10.0, 12.0))
-                    else:
-                        snr_value = float(snr)
+                    snr_value = float(rng.uniform(-10.0, 12.0)) if snr is None else float(snr)
                     split = "normal" if state == "normal" else "abnormal"
                     number = counters[split]
                     counters[split] += 1

@@ -88,6 +88,9 @@ class SinkContext:
     class_names: tuple[str, ...]
     health: Callable[[], Mapping[str, Any]]
     latest_state: Callable[[], State | None]
+    # Whether the module learns and judges against the unit's own baseline
+    # (its messages then carry novelty, baseline_id and learning).
+    baseline: bool = False
 
 
 class Sink(ABC):

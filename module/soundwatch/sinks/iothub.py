@@ -65,25 +65,43 @@ MEDIUM_SEVERITY_P = 0.7
 ClientFactory = Callable[[], Any]
 
 
+# An anomaly the unit's baseline decided is as severe as its novelty is far
+# above the threshold (an unknown fault has no class probability to go by).
+HIGH_SEVERITY_NOVELTY = 2.0
+MEDIUM_SEVERITY_NOVELTY = 1.25
+
+
 def severity(message: Message) -> str:
-    """``high``/``medium``/``low`` for an anomaly start (by ``probability_max``), else ``info``."""
+    """``high``/``medium``/``low`` for an anomaly start, else ``info``.
+
+    By ``probability_max``; for an anomaly the unit's baseline decided, by
+    ``novelty.score / novelty.threshold`` too, whichever is higher.
+    """
     if not isinstance(message, Event) or message.kind != "anomaly_started":
         return "info"
-    if message.probability_max >= HIGH_SEVERITY_P:
+    novelty = message.baseline.novelty if message.baseline is not None else None
+    ratio = novelty.score / novelty.threshold if novelty and novelty.threshold > 0 else 0.0
+    if message.probability_max >= HIGH_SEVERITY_P or ratio >= HIGH_SEVERITY_NOVELTY:
         return "high"
-    if message.probability_max >= MEDIUM_SEVERITY_P:
+    if message.probability_max >= MEDIUM_SEVERITY_P or ratio >= MEDIUM_SEVERITY_NOVELTY:
         return "medium"
     return "low"
 
 
 def message_properties(message: Message) -> dict[str, str]:
-    """The custom properties routes filter on: ``type``, ``anomaly``, ``class``, ``severity``."""
-    return {
+    """The custom properties routes filter on: ``type``, ``anomaly``, ``class``, ``severity``;
+    with the per-unit baseline on, also ``decided_by`` (``baseline`` or ``classifier``, while
+    the baseline is learned)."""
+    properties = {
         "type": message.kind,
         "anomaly": "true" if message.anomaly else "false",
         "class": message.class_name,
         "severity": severity(message),
     }
+    if message.baseline is not None:
+        learned = message.baseline.baseline_id is not None
+        properties["decided_by"] = "baseline" if learned else "classifier"
+    return properties
 
 
 def _load_sdk() -> Any:

@@ -530,6 +530,7 @@ class MqttSink(OutboxSink):
             status_topic=self.topics["status"],
             discovery_prefix=self.config.ha_discovery.prefix.strip("/"),
             sw_version=__version__,
+            baseline=context.baseline,
         )
 
 

@@ -214,6 +214,47 @@
     $("active-class").textContent = st.active_class || "";
     $("live-meta").textContent = "window " + st.window_index + " · stream " +
       st.stream_start_s.toFixed(1) + "–" + st.stream_end_s.toFixed(1) + " s · " + when(st.emitted_at);
+    renderBaseline(st);
+  }
+
+  function clock(seconds) {
+    const total = Math.max(0, Math.floor(seconds));
+    const h = Math.floor(total / 3600), m = Math.floor((total % 3600) / 60), s = total % 60;
+    const two = (n) => (n < 10 ? "0" : "") + n;
+    return h ? h + ":" + two(m) + ":" + two(s) : m + ":" + two(s);
+  }
+
+  // The per-unit baseline: learning progress, then each window's novelty
+  // against the threshold. States have no "learning" key when it is off.
+  function renderBaseline(st) {
+    const box = $("baseline");
+    if (!("learning" in st)) { box.hidden = true; return; }
+    box.hidden = false;
+    const fill = $("baseline-fill");
+    if (st.learning) {
+      const f = Math.min(1, st.learning.learned_s / st.learning.learn_s);
+      $("baseline-name").textContent = "learned";
+      fill.style.width = (100 * f).toFixed(1) + "%";
+      fill.classList.remove("alert");
+      $("baseline-value").textContent = Math.floor(100 * f) + " %";
+      $("baseline-text").textContent = "learning: " + clock(st.learning.learned_s) + " of " +
+        clock(st.learning.learn_s) + " · until then the classifier alone decides, at strict thresholds";
+      return;
+    }
+    $("baseline-name").textContent = "novelty";
+    const n = st.novelty;
+    if (!n) {
+      fill.style.width = "0";
+      $("baseline-value").textContent = "–";
+      $("baseline-text").textContent = "baseline " + st.baseline_id + " · this window cannot be judged";
+      return;
+    }
+    // The bar is full at twice the threshold; past the threshold it turns red.
+    fill.style.width = Math.min(100, 50 * n.score / n.threshold).toFixed(1) + "%";
+    fill.classList.toggle("alert", n.score > n.threshold);
+    $("baseline-value").textContent = n.score.toPrecision(3);
+    $("baseline-text").textContent = "baseline " + st.baseline_id + " · threshold " +
+      n.threshold.toPrecision(3) + (n.score > n.threshold ? " · differs from this unit's normal" : " · like this unit's normal");
   }
 
   // --- events -------------------------------------------------------------
