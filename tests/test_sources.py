@@ -632,7 +632,11 @@ def test_simulator_is_deterministic_and_independent_of_block_size() -> None:
     a = _simulate(0.1)
     assert a.dtype == np.float32 and len(a) == 16000  # one pass, then it ends
     np.testing.assert_array_equal(a, _simulate(0.1))
-    np.testing.assert_array_equal(a, _simulate(0.037))
+    # Block sizes change the FFT sizes of the streaming convolutions, so the
+    # float64 arithmetic rounds differently: the same samples to within one
+    # float32 step at the signal's peak, not bit for bit.
+    step = float(np.spacing(np.float32(np.max(np.abs(a)))))
+    np.testing.assert_allclose(_simulate(0.037), a, rtol=0, atol=step)
     assert not np.array_equal(a, _simulate(0.1, seed=1))
     assert float(np.max(np.abs(a))) > 0.001
 

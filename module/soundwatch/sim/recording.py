@@ -212,7 +212,8 @@ class Stream:
     One unit in one scene: the room, microphone, background and its events
     run on through every pass of the schedule (``loop``), and so do the fan's
     phases and noises; the change from the last state back into the first
-    ramps like any other. Reads of any size give the same samples.
+    ramps like any other. Reads of any size give the same samples (to float32
+    rounding: block sizes change the FFT sizes of the convolutions).
     """
 
     def __init__(

@@ -548,7 +548,10 @@ class SignalChain:
         self._hiss = None if noise is None else (rng_for(TAG_ROOM, seed, 7), db_amp(noise))
         self._agc = scene.agc
         self._agc_db = 0.0
-        self._agc_acc = 0.0  # sum of squares of the 10 ms step so far
+        # The squares of the 10 ms step so far: summed only once the step is
+        # whole, so the sum (and every sample after it) does not depend on
+        # how the stream was cut into blocks.
+        self._agc_squares = np.zeros(max(1, rate // 100))
         self._agc_pos = 0
         self._impairments = scene.impairments
         self._n = 0
@@ -589,12 +592,12 @@ class SignalChain:
         while a < y.size:
             b = min(y.size, a + step - self._agc_pos)
             gains[a:b] = db_amp(self._agc_db)
-            self._agc_acc += float(squares[a:b].sum())
+            self._agc_squares[self._agc_pos : self._agc_pos + b - a] = squares[a:b]
             self._agc_pos += b - a
             if self._agc_pos == step:
-                level = 10.0 * math.log10(max(self._agc_acc / step, 1e-12))
+                level = 10.0 * math.log10(max(float(self._agc_squares.sum()) / step, 1e-12))
                 want = min(agc.max_gain_db, max(-agc.max_gain_db, agc.target_dbfs - level))
                 self._agc_db += alpha * (want - self._agc_db)
-                self._agc_acc, self._agc_pos = 0.0, 0
+                self._agc_pos = 0
             a = b
         return gains
