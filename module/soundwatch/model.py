@@ -124,21 +124,24 @@ class Prediction:
         """The most probable of :attr:`names`, or ``unknown`` for a fault below its threshold."""
         d = self.distribution
         best = max(range(len(d)), key=d.__getitem__)
-        if best < len(self.thresholds) and d[best] < self.thresholds[best]:
-            return UNKNOWN
-        return self.names[best]
+        return UNKNOWN if self._below_threshold(best) else self.names[best]
 
     @property
     def unsure(self) -> str | None:
         """Why a leading fault is not named (``None`` if it is, or none leads)."""
         d = self.distribution
         best = max(range(len(d)), key=d.__getitem__)
-        if best < len(self.thresholds) and d[best] < self.thresholds[best]:
-            return (
-                f"{self.class_names[best]} leads at {d[best]:.2f}, "
-                f"below the {self.thresholds[best]:.2f} it needs"
-            )
-        return None
+        if not self._below_threshold(best):
+            return None
+        return (
+            f"{self.class_names[best]} leads at {self.probabilities[best]:.2f}, "
+            f"below the {self.thresholds[best]:.2f} it needs"
+        )
+
+    def _below_threshold(self, best: int) -> bool:
+        # The model's own probability, as a streaming window's vote compares
+        # it; the distance from the training world is already in `unknown`.
+        return best < len(self.thresholds) and self.probabilities[best] < self.thresholds[best]
 
 
 class Classifier:
