@@ -188,44 +188,22 @@ class Baseline:
             "windows": self.windows,
             "created_at": self.created_at,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".baseline-", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(
-                    f,
-                    meta=np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8),
-                    center=self.center,
-                    scale=self.scale,
-                    kept=self.kept.astype(np.float16),
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_state(
+            path,
+            doc,
+            center=self.center,
+            scale=self.scale,
+            kept=self.kept.astype(np.float16),
+        )
 
     @classmethod
     def load(cls, path: Path, model_version: str) -> Baseline:
         """Load and check that it belongs to ``model_version`` and this physics version."""
+        doc, arrays = read_state(path, BASELINE_FORMAT, model_version, "baseline")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                doc = json.loads(bytes(npz["meta"]).decode())
-                center, scale, kept = npz["center"], npz["scale"], npz["kept"]
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-            raise BaselineError(f"{path}: unreadable baseline ({e})") from e
-        if doc.get("format") != BASELINE_FORMAT:
-            raise BaselineError(f"{path}: format {doc.get('format')!r} is not {BASELINE_FORMAT!r}")
-        if doc.get("model_version") != model_version:
-            raise BaselineError(
-                f"{path}: learned with model {doc.get('model_version')!r}, not {model_version!r}"
-            )
-        if doc.get("physics_version") != PHYSICS_VERSION:
-            raise BaselineError(
-                f"{path}: learned with physics features version {doc.get('physics_version')!r}, "
-                f"not {PHYSICS_VERSION}"
-            )
+            center, scale, kept = arrays["center"], arrays["scale"], arrays["kept"]
+        except KeyError as e:
+            raise BaselineError(f"{path}: unreadable baseline (no {e})") from e
         layout = Layout(tuple((str(n), int(k)) for n, k in doc["layout"]))
         if center.shape != (layout.size,) or scale.shape != (layout.size,):
             raise BaselineError(f"{path}: arrays do not match the layout")
@@ -272,6 +250,48 @@ def peek(path: Path) -> dict[str, Any]:
     if doc.get("format") != BASELINE_FORMAT:
         raise BaselineError(f"{path}: format {doc.get('format')!r} is not {BASELINE_FORMAT!r}")
     return {**doc, "kept": kept, "bytes": path.stat().st_size}
+
+
+def write_state(path: Path, doc: dict[str, Any], **arrays: npt.NDArray[Any]) -> None:
+    """Replace ``path`` with ``doc`` (as JSON) and ``arrays``, atomically: a crash
+    mid-write leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            meta = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
+            np.savez_compressed(f, meta=meta, **arrays)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_state(
+    path: Path, fmt: str, model_version: str, what: str
+) -> tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]:
+    """A file of :func:`write_state`, checked to be ``fmt`` and made with this model and
+    physics version; :class:`BaselineError` names what does not match."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            doc = json.loads(bytes(npz["meta"]).decode())
+            arrays = {k: npz[k] for k in npz.files if k != "meta"}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise BaselineError(f"{path}: unreadable {what} ({e})") from e
+    if doc.get("format") != fmt:
+        raise BaselineError(f"{path}: format {doc.get('format')!r} is not {fmt!r}")
+    if doc.get("model_version") != model_version:
+        raise BaselineError(
+            f"{path}: learned with model {doc.get('model_version')!r}, not {model_version!r}"
+        )
+    if doc.get("physics_version") != PHYSICS_VERSION:
+        raise BaselineError(
+            f"{path}: learned with physics features version {doc.get('physics_version')!r}, "
+            f"not {PHYSICS_VERSION}"
+        )
+    return doc, arrays
 
 
 def _center_scale(data: F64, layout: Layout) -> tuple[F64, F64]:

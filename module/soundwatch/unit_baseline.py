@@ -31,10 +31,7 @@ control plane's thread runs commands and the HTTP threads read health.
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +49,8 @@ from soundwatch.baseline import (
     embedding,
     fit,
     layout_of,
+    read_state,
+    write_state,
 )
 from soundwatch.bundle import Bundle
 from soundwatch.config import BaselineConfig
@@ -149,7 +148,7 @@ class Learner:
         # checkpoint is about 1 MB, written once a minute while learning.
         finite = np.finfo(np.float16).max
         kept = np.clip(self.kept, -finite, finite).astype(np.float16)
-        _write_npz(path, meta=_meta(doc), kept=kept)
+        write_state(path, doc, kept=kept)
 
     @classmethod
     def load(cls, path: Path, layout: Layout, model_version: str) -> Learner:
@@ -157,23 +156,10 @@ class Learner:
 
         Raises :class:`BaselineError` naming what does not match.
         """
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                doc = json.loads(bytes(npz["meta"]).decode())
-                kept = np.asarray(npz["kept"], dtype=np.float32)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-            raise BaselineError(f"{path}: unreadable learning checkpoint ({e})") from e
-        if doc.get("format") != LEARNER_FORMAT:
-            raise BaselineError(f"{path}: format {doc.get('format')!r} is not {LEARNER_FORMAT!r}")
-        if doc.get("model_version") != model_version:
-            raise BaselineError(
-                f"{path}: learned with model {doc.get('model_version')!r}, not {model_version!r}"
-            )
-        if doc.get("physics_version") != PHYSICS_VERSION:
-            raise BaselineError(
-                f"{path}: learned with physics features version "
-                f"{doc.get('physics_version')!r}, not {PHYSICS_VERSION}"
-            )
+        doc, arrays = read_state(path, LEARNER_FORMAT, model_version, "learning checkpoint")
+        if "kept" not in arrays:
+            raise BaselineError(f"{path}: unreadable learning checkpoint (no 'kept')")
+        kept = np.asarray(arrays["kept"], dtype=np.float32)
         stored = Layout(tuple((str(n), int(k)) for n, k in doc.get("layout", [])))
         if stored != layout or kept.ndim != 2 or kept.shape[1] != layout.size:
             raise BaselineError(f"{path}: learned with another embedding layout")
@@ -575,25 +561,6 @@ def _unusable(problem: str | None, silent: bool, clipping: bool) -> str | None:
     if problem is not None:
         return "dropout"
     return None
-
-
-def _meta(doc: dict[str, Any]) -> npt.NDArray[np.uint8]:
-    return np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
-
-
-def _write_npz(path: Path, **arrays: npt.NDArray[Any]) -> None:
-    """Replace ``path`` atomically: the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- offline: a baseline from recordings ------------------------------------------------------
