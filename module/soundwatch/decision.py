@@ -66,7 +66,7 @@ import logging
 import math
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -370,6 +370,30 @@ class _Span:
         )
 
 
+def _spans_from_first_vote(
+    history: Iterable[tuple[WindowResult, bool, bool]], new_span: Callable[[], _Span]
+) -> tuple[_Span, _Span]:
+    """An anomaly's spans at its start, from ``(window, voted, present)`` entries.
+
+    The anomaly begins at its first vote. From there, windows up to the last
+    one where the fault is present are committed; those after it are pending
+    (they join the anomaly only if the fault shows again).
+    """
+    committed, pending = new_span(), new_span()
+    started = False
+    for window, voted, present in history:
+        started = started or voted
+        if not started:
+            continue
+        if present:
+            committed.absorb(pending)
+            committed.add(window)
+            pending = new_span()
+        else:
+            pending.add(window)
+    return committed, pending
+
+
 @dataclass
 class _Active:
     anomaly_id: str
@@ -585,18 +609,10 @@ class DecisionState:
 
     def _start(self, class_idx: int, window: WindowResult) -> AnomalyStarted:
         n = len(self._names)
-        committed, pending = _Span(class_idx, n), _Span(class_idx, n)
-        started = False
-        for w, v in self._history:
-            started = started or v == class_idx
-            if not started:
-                continue
-            if self._present(w, class_idx):
-                committed.absorb(pending)
-                committed.add(w)
-                pending = _Span(class_idx, n)
-            else:
-                pending.add(w)
+        committed, pending = _spans_from_first_vote(
+            ((w, v == class_idx, self._present(w, class_idx)) for w, v in self._history),
+            lambda: _Span(class_idx, n),
+        )
         active = _Active(self._new_id(), class_idx, committed, pending)
         self._active = active
         report = AnomalyStarted(**self._report_fields(active, window))
@@ -880,18 +896,10 @@ class NoveltyDecision:
         return ended_s <= now_s < until_s
 
     def _start(self, class_idx: int | None, window: WindowResult) -> AnomalyStarted:
-        committed, pending = self._span(class_idx), self._span(class_idx)
-        started = False
-        for j in self._history:
-            started = started or j.novel
-            if not started:
-                continue
-            if j.present:
-                committed.absorb(pending)
-                committed.add(j.window)
-                pending = self._span(class_idx)
-            else:
-                pending.add(j.window)
+        committed, pending = _spans_from_first_vote(
+            ((j.window, j.novel, j.present) for j in self._history),
+            lambda: self._span(class_idx),
+        )
         active = _NoveltyActive(self._new_id(), class_idx, committed, pending)
         self._active = active
         report = AnomalyStarted(**self._report_fields(active, window))
