@@ -66,8 +66,9 @@ def audio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {
         "a": _render(d / "normal-a.wav", [("normal", 75.0)], 3),
         "b": _render(d / "normal-b.wav", [("normal", 75.0)], 4),
+        "long": _render(d / "normal-long.wav", [("normal", 100.0)], 5),
         # A fault the model hears at p >= 0.9 on this unit, from the first second.
-        "fault_first": _render(d / "fault-first.wav", [("clogging", 40.0), ("normal", 80.0)], 6),
+        "fault_first": _render(d / "fault-first.wav", [("clogging", 40.0), ("normal", 100.0)], 6),
     }
     out["noise"] = _with_noise(d / "normal-noise.wav", out["a"], 30.0)
     return out
@@ -144,22 +145,25 @@ def test_learning_survives_a_restart_then_the_baseline_decides(
     audio: dict[str, Path], tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    env = _env(120)
-    # First run: 75 s of audio, 120 s to learn. Not done; the progress is kept.
+    env = _env(110)
+    # First run: 75 s of audio, 110 s to learn. Not done; the progress is kept. The
+    # last 15 windows are still held back (the classifier could yet confirm a fault
+    # in them) when the file ends: about 60 s are learned.
     _run(_config(tmp_path, source=f"{{type: file, path: {audio['a']}}}", state=state), env)
     first = _states(_read_jsonl(tmp_path / "messages.jsonl"))
     learned = [s["learning"]["learned_s"] for s in first]
-    assert learned == sorted(learned) and 70 <= learned[-1] <= 76, learned[-5:]
+    assert learned == sorted(learned) and 55 <= learned[-1] <= 61, learned[-5:]
     assert all(s["baseline_id"] is None and s["novelty"] is None for s in first)
     assert (state / "baseline-learning.npz").exists() and not (state / "baseline.npz").exists()
-    # Second run: resumes where it was, completes at 120 s, then judges by novelty.
+    # Second run: resumes where it was, completes at 110 s, then judges by novelty.
     (tmp_path / "messages.jsonl").unlink()
     proc = _run(_config(tmp_path, source=f"{{type: file, path: {audio['b']}}}", state=state), env)
     assert "learning resumed from" in proc.stderr
     second = _states(_read_jsonl(tmp_path / "messages.jsonl"))
     assert second[0]["learning"]["learned_s"] >= learned[-1]  # not from the start
     done = next(i for i, s in enumerate(second) if s["learning"] is None)
-    assert 40 <= second[done]["stream_end_s"] <= 50  # 120 s minus what the first run learned
+    # 110 s minus what the first run learned, plus the 15 windows held back.
+    assert 60 <= second[done]["stream_end_s"] <= 70
     baseline_id = second[done]["baseline_id"]
     assert baseline_id and all(s["baseline_id"] == baseline_id for s in second[done:])
     assert all(s["novelty"]["threshold"] > 0 for s in second[done:])
@@ -215,14 +219,12 @@ def test_kill_9_while_learning_loses_at_most_the_last_minute(
 def test_a_baseline_from_another_model_is_refused_and_the_unit_learns_again(
     audio: dict[str, Path], tmp_path: Path
 ) -> None:
-    from soundwatch.baseline import fit, layout_of, peek
+    from soundwatch.baseline import LAYOUT as layout
+    from soundwatch.baseline import fit, peek
     from soundwatch.bundle import load_bundle
-    from soundwatch.features import FeatureExtractor
     from soundwatch.unit_baseline import Learner
 
     bundle = load_bundle(bundle_dir())
-    fan, _ = sf.read(audio["a"], dtype="float32")
-    layout = layout_of(FeatureExtractor(bundle.spec).analyse(fan[: 10 * RATE]))
     state = tmp_path / "state"
     stale = fit(
         np.random.default_rng(1).normal(size=(40, layout.size)).astype(np.float32),
@@ -232,7 +234,7 @@ def test_a_baseline_from_another_model_is_refused_and_the_unit_learns_again(
     stale.save(state / "baseline.npz")
     Learner(layout, "fan@0.0.1-other").save(state / "baseline-learning.npz")
     proc = _run(
-        _config(tmp_path, source=f"{{type: file, path: {audio['a']}}}", state=state), _env(60)
+        _config(tmp_path, source=f"{{type: file, path: {audio['long']}}}", state=state), _env(60)
     )
     assert (
         f"baseline refused: {state / 'baseline.npz'}: learned with model 'fan@0.0.1-other', "
@@ -240,7 +242,8 @@ def test_a_baseline_from_another_model_is_refused_and_the_unit_learns_again(
     ) in proc.stderr
     assert "learning checkpoint refused" in proc.stderr
     states = _states(_read_jsonl(tmp_path / "messages.jsonl"))
-    assert states[0]["learning"]["learned_s"] == pytest.approx(10.0, abs=0.1)  # from the start
+    # From the start: the first window (10 s) is learned once 15 more have come.
+    assert [s["learning"]["learned_s"] for s in states[14:16]] == pytest.approx([0.0, 10.0])
     assert states[-1]["baseline_id"] not in (None, stale.baseline_id)
     assert peek(state / "baseline.npz")["model_version"] == bundle.model_version
 

@@ -349,7 +349,15 @@ def test_every_key_is_live_or_refused_as_restart_only(path: str) -> None:
 
 
 def test_live_keys_are_exactly_these() -> None:
-    baseline = {"learn_s", "false_alarm_rate", "confirm_k", "confirm_n", "off_ratio", "name_on"}
+    baseline = {
+        "learn_s",
+        "false_alarm_rate",
+        "confirm_k",
+        "confirm_n",
+        "off_ratio",
+        "name_on",
+        "name_by_speed",
+    }
     assert set(LIVE_KEYS) == {
         "log_level",
         "window.hop_s",

@@ -60,8 +60,9 @@ def window(
     *,
     level: Level = LOUD,
     no_verdict: str | None = None,
+    speed: float | None = None,
 ) -> WindowResult:
-    novelty = None if score is None else NoveltyReading(score, THRESHOLD)
+    novelty = None if score is None else NoveltyReading(score, THRESHOLD, speed)
     return WindowResult(
         index=index,
         start_s=float(index),
@@ -73,7 +74,7 @@ def window(
     )
 
 
-def novelty_decision(**settings: float) -> NoveltyDecision:
+def novelty_decision(**settings: float | bool) -> NoveltyDecision:
     base = BaselineConfig.model_validate(
         {"confirm_k": 3, "confirm_n": 5, "off_ratio": 0.5, "name_on": 0.8, **settings}
     )
@@ -156,6 +157,40 @@ def test_the_class_is_what_most_novel_windows_name_and_unknown_otherwise() -> No
     d = novelty_decision()
     ws = [window(i, 12, probs(clogging=0.6)) for i in range(3)]
     assert events(feed(d, ws)) == [("started", "unknown", 2, "")]
+
+
+@pytest.mark.parametrize(
+    ("speed", "p", "named"),
+    [
+        (0.80, probs(imbalance=0.3), "voltage_change"),  # under-voltage: the speed alone
+        (1.28, probs(), "voltage_change"),  # over-voltage
+        (1.08, probs(imbalance=0.3), "clogging"),  # 5-15 % faster: clogging alone does that
+        (1.00, probs(clogging=0.95), "unknown"),  # clogging without its speed-up: not clogging
+        (1.00, probs(imbalance=0.95), "imbalance"),  # imbalance leaves the speed
+        (1.16, probs(voltage_change=0.95), "voltage_change"),  # between both: the classifier
+        (1.16, probs(), "unknown"),
+        (0.80, probs(imbalance=0.95), "unknown"),  # the two disagree: neither is trusted
+        (None, probs(clogging=0.95), "clogging"),  # no speed measured: the classifier alone
+    ],
+)
+def test_the_units_own_speed_names_a_departure_with_the_classifier(
+    speed: float | None, p: tuple[float, ...], named: str
+) -> None:
+    d = novelty_decision()
+    out = feed(d, [window(i, 12, p, speed=speed) for i in range(3)])
+    assert events(out) == [("started", named, 2, "")]
+
+
+def test_naming_by_speed_can_be_turned_off() -> None:
+    d = novelty_decision(name_by_speed=False)
+    out = feed(d, [window(i, 12, probs(imbalance=0.3), speed=0.8) for i in range(3)])
+    assert events(out) == [("started", "unknown", 2, "")]
+    d.reconfigure(DecisionConfig(cooldown_s=0.0), BaselineConfig(confirm_k=3, confirm_n=5))
+    out = feed(d, [window(i, 12, probs(imbalance=0.3), speed=0.8) for i in range(3, 6)])
+    assert events(out) == [
+        ("ended", "unknown", 5, "class_change"),
+        ("started", "voltage_change", 5, ""),
+    ]
 
 
 def test_an_unknown_anomaly_takes_the_classifiers_name_once_it_is_sure() -> None:

@@ -203,6 +203,51 @@ def table(s: Score, latency_s: float) -> str:
     return "\n".join(lines)
 
 
+def plot(truth: dict[str, Any], messages: list[dict[str, Any]], name: str, out: Path) -> None:
+    """Novelty over threshold along the recording, its faults shaded, the anomalies marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    states = [m for m in messages if m.get("type") == "state" and m.get("novelty")]
+    t = [m["stream_end_s"] / 60 for m in states]
+    ratio = [m["novelty"]["score"] / m["novelty"]["threshold"] for m in states]
+    fig, ax = plt.subplots(figsize=(10, 3.4), dpi=110)
+    colours = {"imbalance": "#e69f00", "clogging": "#56b4e9", "voltage_change": "#009e73"}
+    for seg in truth["segments"]:
+        if seg["state"] != "normal":
+            colour = colours.get(seg["state"], "#bbbbbb")
+            ax.axvspan(seg["start_s"] / 60, seg["end_s"] / 60, color=colour, alpha=0.35, lw=0)
+            ax.text(
+                (seg["start_s"] + seg["end_s"]) / 120,
+                60,
+                seg["state"].replace("_", " "),
+                ha="center",
+                va="top",
+                fontsize=8,
+                rotation=90,
+            )
+    learned = next((m["stream_end_s"] for m in states), None)
+    if learned is not None:
+        ax.axvspan(0, learned / 60, color="#dddddd", lw=0)
+        ax.text(learned / 120, 60, "learning", ha="center", va="top", fontsize=8)
+    ax.semilogy(t, ratio, lw=0.6, color="#333333", label="novelty / threshold (each window)")
+    ax.axhline(1.0, color="#cc0000", lw=0.8, ls="--", label="threshold")
+    for e in messages:
+        if e.get("type") == "anomaly_started":
+            ax.axvline(e["decided_stream_s"] / 60, color="#cc0000", lw=1.2)
+    ax.plot([], [], color="#cc0000", lw=1.2, label="anomaly started")
+    ax.set_ylim(0.05, 80)
+    ax.set_xlim(0, truth["duration_s"] / 60)
+    ax.set_xlabel("stream time (min)")
+    ax.set_title(name, fontsize=9)
+    ax.legend(loc="center left", fontsize=7, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -215,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the module")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run's files here")
     parser.add_argument("--json", action="store_true", help="one JSON document per recording")
+    parser.add_argument("--plot", type=Path, default=None, help="draw novelty over time (PNG)")
     args = parser.parse_args(argv)
     extra = dict(item.split("=", 1) for item in args.env)
     for wav in args.recordings:
@@ -227,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             truth, messages, name=wav.name, learn_s=args.learn_s, tail_s=args.tail, run_s=seconds
         )
         print(json.dumps(result.to_json()) if args.json else table(result, args.latency))
+        if args.plot is not None:
+            many = len(args.recordings) > 1
+            png = args.plot.with_stem(f"{args.plot.stem}-{wav.stem}") if many else args.plot
+            plot(truth, messages, wav.stem, png)
         if not args.json and len(args.recordings) > 1:
             print()
     return 0

@@ -416,12 +416,10 @@ class Runtime:
             closing = self._follow_baseline()  # dropped by a command since the last window
             if self.unit is not None:
                 decision = self._decision
-                # While learning, what the classifier confidently calls a
-                # fault is not learned as this unit's normal.
+                # While learning, a fault the classifier has confirmed is not
+                # learned as this unit's normal (nor the windows that led to it).
                 fault = (
-                    (decision.would_vote(probabilities) or decision.current.active_class)
-                    if isinstance(decision, DecisionState)
-                    else None
+                    decision.current.active_class if isinstance(decision, DecisionState) else None
                 )
                 verdict = self.unit.observe(window, fault)
             result = WindowResult(

@@ -6,21 +6,32 @@ unit's own healthy sound, where that unit's windows usually sit and how much
 they vary, and scores every later window by its distance from there.
 
 **Embedding.** Each window is summarised by level-free pieces of what the
-pipeline computes anyway (no extra transform of the audio):
+pipeline computes anyway, chosen to be robust to the seconds-long events of
+a factory (knocks, beepers, speech, a passing truck) and not to a fault,
+which persists:
 
-* ``envelope``: the MFCC means without c0 (the spectral shape, not its level);
-* ``lines``: the fine low-frequency spectrum in 1/12-octave bands (the unit's
-  blade-pass comb, hum, shaft tone and any new line);
-* ``modulation``: how fast the whole sound's level moves, 0.3–20 Hz
-  (surging, imbalance, rattles and rubbing that come with the rotation);
-* ``physics``: the window's physics features (speed, comb, sidebands, hum,
-  whistle, surging).
+* ``spectrum``: the unit's steady spectrum. Per mel band, the 20th
+  percentile of the window's log-mel frames (a noise-floor estimate: an
+  event that covers less than 80 % of the frames leaves it alone), in
+  :data:`SPECTRUM_BANDS` bands of adjacent mel bands, less their mean (so a
+  gain change is not a departure). It sees a moved blade-pass comb, quieter
+  airflow, a whistle, a new resonance or rattle;
+* ``physics``: the window's physics features (speed, comb, shaft tone,
+  sidebands, hum harmonics, whistle, surging, breathing at the shaft rate).
 
-**Score.** Per dimension a robust z-score against the baseline (median and
-MAD, with a floor so a dimension that never moved cannot explode), squared
-and averaged per group; the window's novelty is the largest group score,
-each group first divided by the median of its own training scores so the
-groups count alike. Higher means less like the unit's normal.
+**Score.** Per dimension, the departure from the baseline's median in units
+of a scale that covers the learning windows' own spread *including their
+tails*: the larger of 1.4826 x MAD, a floor, and the 99.5th percentile of the
+absolute deviation placed at 1.96 scales (with few windows, the percentile
+that leaves out the :data:`TAIL_SPARE` most extreme, placed where a normal
+distribution would put it). A dimension that events often move gets a wide
+scale, one that never moves a narrow one. The squared departures are capped
+at :data:`Z_CAP` squared, and the novelty is the mean of the :data:`TOP_DIMS`
+largest: a fault moves a few dimensions far (a tone, a band), and averaging
+over all of them would dilute it. Higher means less like the unit's normal.
+
+**Speed.** :meth:`Baseline.speed_ratio` is a window's shaft speed over the
+unit's learned nominal speed: the decision stage names departures with it.
 
 **Threshold.** Out-of-sample novelty of the learning windows (each time
 block scored against a baseline fitted without it) is fitted with a gamma
@@ -44,6 +55,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Final
 
 import numpy as np
@@ -57,12 +69,29 @@ logger = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
-BASELINE_FORMAT: Final = "soundwatch-baseline/1"
+BASELINE_FORMAT: Final = "soundwatch-baseline/2"
 #: The physics features the baseline compares (all level-free).
 PHYSICS_KEYS: Final[tuple[str, ...]] = tuple(FEATURE_NAMES)
-#: Smallest scale per group (in the group's own units: dB, or the feature's):
-#: windows of a steady machine can agree more closely than any real change.
-SCALE_FLOOR: Final = {"envelope": 0.3, "lines": 0.5, "modulation": 0.5, "physics": 0.3}
+#: Bands of the robust spectrum (adjacent mel bands averaged: 4 of 128).
+SPECTRUM_BANDS: Final = 32
+#: Percentile of a band's frames that stands for the window's steady level.
+FLOOR_PERCENTILE: Final = 20
+#: Smallest scale per group (dB, or the physics features' own units): windows of
+#: a steady machine can agree more closely than any real change.
+SCALE_FLOOR: Final = {"spectrum": 0.3, "physics": 1.0}
+#: Share of the learning windows' absolute deviation that the scale covers, so that
+#: what events often do is not a departure; with few windows, all but the
+#: :data:`TAIL_SPARE` most extreme (one bad speed estimate must not widen a scale).
+TAIL_SHARE: Final = 0.995
+TAIL_SPARE: Final = 3
+#: The tail quantile lands at this many scales: 2.81 standard deviations of a normal
+#: distribution at 1.96 scales, a scale 1.43 times wider than its standard deviation.
+TAIL_AT: Final = 1.96
+#: Largest squared departure one dimension can add (in scales): a feature that
+#: is absent in normal running and appears must not outweigh the rest alone.
+Z_CAP: Final = 8.0
+#: Dimensions whose departures make the novelty.
+TOP_DIMS: Final = 2
 #: Windows kept to refit the baseline (a false alarm joins them); float16.
 MAX_KEPT_WINDOWS: Final = 1200
 #: Time blocks for the out-of-sample scores behind the threshold.
@@ -91,25 +120,31 @@ class Layout:
         return out
 
 
+#: Where each group sits in every window's embedding.
+LAYOUT: Final = Layout((("spectrum", SPECTRUM_BANDS), ("physics", len(PHYSICS_KEYS))))
+
+
+def robust_spectrum(log_mel: F64) -> F32:
+    """A window's steady spectrum: per mel band the :data:`FLOOR_PERCENTILE` of its frames,
+    in :data:`SPECTRUM_BANDS` bands, less their mean (see the module docstring)."""
+    n_frames, n_mels = log_mel.shape
+    if n_frames == 0 or n_mels % SPECTRUM_BANDS:
+        raise BaselineError(
+            f"the robust spectrum needs log-mel frames in a multiple of {SPECTRUM_BANDS} "
+            f"bands, got {log_mel.shape}"
+        )
+    k = (n_frames - 1) * FLOOR_PERCENTILE // 100
+    floor: F64 = np.partition(log_mel, k, axis=0)[k]
+    bands = floor.reshape(SPECTRUM_BANDS, -1).mean(axis=1)
+    out: F32 = (bands - bands.mean()).astype(np.float32)
+    return out
+
+
 def embedding(features: WindowFeatures) -> F32:
     """One window's baseline embedding (see the module docstring)."""
-    mfcc = features.mfcc
-    means = mfcc[:, 2 : mfcc.shape[1] - 4].mean(axis=1)[1:]
     sig = features.signature
     physics = np.asarray([sig.values[k] for k in PHYSICS_KEYS], dtype=np.float32)
-    return np.concatenate([means, sig.low, sig.modulation, physics]).astype(np.float32)
-
-
-def layout_of(features: WindowFeatures) -> Layout:
-    sig = features.signature
-    return Layout(
-        (
-            ("envelope", features.mfcc.shape[0] - 1),
-            ("lines", sig.low.size),
-            ("modulation", sig.modulation.size),
-            ("physics", len(PHYSICS_KEYS)),
-        )
-    )
+    return np.concatenate([robust_spectrum(features.log_mel), physics]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -119,6 +154,8 @@ class Novelty:
     score: float
     threshold: float
     groups: dict[str, float] = field(default_factory=dict)
+    #: The shaft speed over the baseline's (the unit's nominal speed); None if unmeasured.
+    speed_ratio: float | None = None
 
     @property
     def anomalous(self) -> bool:
@@ -135,7 +172,6 @@ class Baseline:
     layout: Layout
     center: F64 = field(repr=False)
     scale: F64 = field(repr=False)
-    group_norm: dict[str, float]
     threshold: float
     false_alarm_rate: float
     gamma: tuple[float, float]
@@ -144,20 +180,23 @@ class Baseline:
     created_at: float
     kept: F32 = field(repr=False)
 
-    def group_scores(self, emb: F32) -> dict[str, float]:
-        z = (emb.astype(np.float64) - self.center) / self.scale
-        return {
-            name: float(np.mean(z[part] ** 2)) / self.group_norm[name]
-            for name, part in self.layout.slices().items()
-        }
-
     def novelty(self, emb: F32) -> Novelty:
-        groups = self.group_scores(emb)
+        """The window's novelty, and per group its largest squared departure."""
+        z2 = _departures(emb[None, :].astype(np.float64), self.center, self.scale)[0]
         return Novelty(
-            round(max(groups.values()), 4),
+            round(float(_top_mean(z2[None, :])[0]), 4),
             self.threshold,
-            {k: round(v, 3) for k, v in groups.items()},
+            {name: round(float(z2[part].max()), 3) for name, part in self.layout.slices().items()},
+            self.speed_ratio(emb),
         )
+
+    def speed_ratio(self, emb: F32) -> float | None:
+        """The window's shaft speed over the unit's learned nominal speed."""
+        i = self.layout.slices()["physics"].start + PHYSICS_KEYS.index("shaft_hz")
+        speed, nominal = float(emb[i]), float(self.center[i])
+        if not (speed > 0 and nominal > 0 and math.isfinite(speed)):
+            return None
+        return round(speed / nominal, 4)
 
     def refit(self, extra: F32, learned_s: float = 0.0) -> Baseline:
         """The baseline learned again with ``extra`` windows added (a false alarm's)."""
@@ -180,7 +219,6 @@ class Baseline:
             "model_version": self.model_version,
             "physics_version": self.physics_version,
             "layout": [list(g) for g in self.layout.groups],
-            "group_norm": self.group_norm,
             "threshold": self.threshold,
             "false_alarm_rate": self.false_alarm_rate,
             "gamma": list(self.gamma),
@@ -214,7 +252,6 @@ class Baseline:
             layout=layout,
             center=center.astype(np.float64),
             scale=scale.astype(np.float64),
-            group_norm={str(k): float(v) for k, v in doc["group_norm"].items()},
             threshold=float(doc["threshold"]),
             false_alarm_rate=float(doc["false_alarm_rate"]),
             gamma=(float(doc["gamma"][0]), float(doc["gamma"][1])),
@@ -295,17 +332,30 @@ def read_state(
 
 
 def _center_scale(data: F64, layout: Layout) -> tuple[F64, F64]:
+    """Per dimension the median and a scale that covers the data's tails (module docstring)."""
     center = np.median(data, axis=0)
-    mad = 1.4826 * np.median(np.abs(data - center), axis=0)
+    deviation = np.abs(data - center)
     floor = np.empty(layout.size)
     for name, part in layout.slices().items():
-        floor[part] = SCALE_FLOOR.get(name, 0.3)
-    return center, np.maximum(mad, floor)
+        floor[part] = SCALE_FLOOR[name]
+    mad = 1.4826 * np.median(deviation, axis=0)
+    share = min(TAIL_SHARE, 1.0 - TAIL_SPARE / len(data))
+    gauss = NormalDist()
+    at = TAIL_AT * gauss.inv_cdf((1 + share) / 2) / gauss.inv_cdf((1 + TAIL_SHARE) / 2)
+    tail = np.quantile(deviation, share, axis=0) / at
+    return center, np.maximum(np.maximum(mad, tail), floor)
 
 
-def _raw_group_scores(data: F64, center: F64, scale: F64, layout: Layout) -> dict[str, F64]:
-    z = (data - center) / scale
-    return {name: np.mean(z[:, part] ** 2, axis=1) for name, part in layout.slices().items()}
+def _departures(data: F64, center: F64, scale: F64) -> F64:
+    """Squared departures per dimension, in scales, capped at :data:`Z_CAP` squared."""
+    return np.minimum(((data - center) / scale) ** 2, Z_CAP**2)
+
+
+def _top_mean(z2: F64) -> F64:
+    """Per row, the mean of the :data:`TOP_DIMS` largest squared departures."""
+    top: F64 = np.sort(z2, axis=1)[:, -TOP_DIMS:]
+    mean: F64 = top.mean(axis=1)
+    return mean
 
 
 def fit(
@@ -325,18 +375,12 @@ def fit(
     if not 0 < false_alarm_rate < 0.5:
         raise BaselineError("false_alarm_rate must be in (0, 0.5)")
     center, scale = _center_scale(data, layout)
-    inside = _raw_group_scores(data, center, scale, layout)
-    norm = {k: max(float(np.median(v)), 1e-6) for k, v in inside.items()}
     # Out-of-sample scores: each block of consecutive windows against the rest.
-    blocks = np.array_split(np.arange(len(data)), CV_BLOCKS)
     held: list[F64] = []
-    for block in blocks:
+    for block in np.array_split(np.arange(len(data)), CV_BLOCKS):
         rest = np.setdiff1d(np.arange(len(data)), block)
-        c, s = _center_scale(data[rest], layout)
-        groups = _raw_group_scores(data[block], c, s, layout)
-        held.append(np.max(np.stack([groups[k] / norm[k] for k in groups]), axis=0))
-    scores = np.concatenate(held)
-    shape, gscale = _fit_gamma(scores)
+        held.append(_top_mean(_departures(data[block], *_center_scale(data[rest], layout))))
+    shape, gscale = _fit_gamma(np.concatenate(held))
     threshold = _gamma_quantile(1.0 - false_alarm_rate, shape, gscale)
     keep = np.linspace(0, len(data) - 1, min(len(data), MAX_KEPT_WINDOWS)).round().astype(int)
     digest = hashlib.sha256(np.ascontiguousarray(data[keep]).tobytes()).hexdigest()[:12]
@@ -347,7 +391,6 @@ def fit(
         layout=layout,
         center=center,
         scale=scale,
-        group_norm=norm,
         threshold=round(float(threshold), 4),
         false_alarm_rate=false_alarm_rate,
         gamma=(round(shape, 5), round(gscale, 5)),

@@ -69,7 +69,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from soundwatch.config import BaselineConfig, ClassThreshold, DecisionConfig
 from soundwatch.stream_types import BaselineVerdict, Level, NoveltyReading
@@ -719,6 +719,40 @@ class _NoveltyActive:
     pending: _Span
 
 
+#: What a unit's shaft speed over its own nominal speed says about a departure, by
+#: the fan's physics (docs/baseline.md): clogging raises the speed 5-15 %, a voltage
+#: change moves it to 0.65-0.80 or 1.20-1.35 of nominal, imbalance and the faults no
+#: class names leave it. Rows up to each ratio: the classes consistent with the
+#: departure, and the class the speed alone names (the margins allow somewhat
+#: weaker and stronger faults than stated).
+SPEED_EVIDENCE: Final[tuple[tuple[float, tuple[str, ...], str | None], ...]] = (
+    (0.88, ("voltage_change",), "voltage_change"),
+    (0.96, ("voltage_change",), None),
+    (1.03, ("imbalance",), None),
+    (1.04, ("clogging",), None),
+    (1.12, ("clogging",), "clogging"),
+    (1.20, ("clogging", "voltage_change"), None),
+    (math.inf, ("voltage_change",), "voltage_change"),
+)
+
+
+def _speed_rows(
+    names: tuple[str, ...],
+) -> tuple[tuple[float, frozenset[int], int | None], ...] | None:
+    """:data:`SPEED_EVIDENCE` in class indices; None for a model without the fan's classes."""
+    wanted = {c for _, consistent, _ in SPEED_EVIDENCE for c in consistent}
+    if not wanted <= set(names):
+        return None
+    return tuple(
+        (
+            upper,
+            frozenset(names.index(c) for c in consistent),
+            None if named is None else names.index(named),
+        )
+        for upper, consistent, named in SPEED_EVIDENCE
+    )
+
+
 class NoveltyDecision:
     """Decisions on the unit's baseline, once it is learned (semantics below).
 
@@ -785,6 +819,7 @@ class NoveltyDecision:
         )
         self._config = config
         self._baseline = baseline
+        self._speed_rows = _speed_rows(self._names) if baseline.name_by_speed else None
         if hasattr(self, "_history"):
             self._history = deque(self._history, maxlen=baseline.confirm_n)
 
@@ -804,7 +839,7 @@ class NoveltyDecision:
         if window.no_verdict is None and novelty is not None:
             muted = cfg.suppress_when_silent and window.level.silent
             novel = not warming and not muted and novelty.score > novelty.threshold
-            named = self._named(window.probabilities) if novel else None
+            named = self._named(window.probabilities, novelty) if novel else None
             present = not muted and novelty.score > base.off_ratio * novelty.threshold
             self._history.append(_Judged(window, novel, present, named))
             self._last_window = window
@@ -865,12 +900,33 @@ class NoveltyDecision:
             out.append(self._start(named, window))
         return out
 
-    def _named(self, probs: tuple[float, ...]) -> int | None:
+    def _named(self, probs: tuple[float, ...], novelty: NoveltyReading) -> int | None:
+        sure = [i for i, p in enumerate(probs) if i != self._normal_idx and p >= self._on[i]]
+        consistent, identified = self._speed_evidence(novelty.speed_ratio)
+        if identified is not None:
+            # The speed names it unless the classifier is sure of another fault: the
+            # speed estimate of a window can fail (a harmonic taken for the shaft).
+            return identified if all(i == identified for i in sure) else None
         best: int | None = None
-        for i, p in enumerate(probs):
-            if i != self._normal_idx and p >= self._on[i] and (best is None or p > probs[best]):
+        for i in sure:
+            if consistent is not None and i not in consistent:
+                continue
+            if best is None or probs[i] > probs[best]:
                 best = i
         return best
+
+    def _speed_evidence(self, ratio: float | None) -> tuple[frozenset[int] | None, int | None]:
+        """The classes a window's speed ratio is consistent with, and the one it names.
+
+        ``(None, None)``: the speed says nothing (off, unmeasured, or a model
+        without the fan's classes).
+        """
+        if ratio is None or self._speed_rows is None:
+            return None, None
+        for upper, consistent, identified in self._speed_rows:
+            if ratio <= upper:
+                return consistent, identified
+        return None, None
 
     @staticmethod
     def _majority(votes: list[_Judged]) -> int | None:

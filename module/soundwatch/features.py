@@ -288,7 +288,7 @@ class FeatureExtractor:
             quality = Quality(
                 min(q.valid_s, real_s), q.dead_frames, q.clipped_fraction, True, q.level_steps_db
             )
-            features = WindowFeatures(features.mfcc, features.signature, quality)
+            features = WindowFeatures(features.mfcc, features.signature, quality, features.log_mel)
         return features
 
     def window_features(
@@ -327,7 +327,7 @@ class FeatureExtractor:
             clipped_fraction=round(clipped, 5),
             level_steps_db=tuple(round(j, 1) for _, j in steps),
         )
-        return WindowFeatures(mfcc, signature, quality)
+        return WindowFeatures(mfcc, signature, quality, repaired)
 
 
 # -- one window's features -----------------------------------------------------
@@ -376,11 +376,17 @@ class Quality:
 
 @dataclass(frozen=True)
 class WindowFeatures:
-    """Everything the model sees of one window: MFCCs, the physics, and its quality."""
+    """Everything the model sees of one window: MFCCs, the physics, and its quality.
+
+    ``log_mel`` is the window's log-mel frames (dB, dead frames repaired and
+    level steps undone) that the MFCCs came from: the per-unit baseline reads
+    its robust spectrum from them. Empty when a caller has none.
+    """
 
     mfcc: F32 = field(repr=False)
     signature: Signature
     quality: Quality
+    log_mel: F64 = field(default_factory=lambda: np.zeros((0, 0)), repr=False)
 
     @property
     def physics(self) -> F32:

@@ -69,6 +69,8 @@ class NoveltyReading:
 
     score: float
     threshold: float
+    #: The unit's shaft speed in this window over its baseline's (None: not measured).
+    speed_ratio: float | None = None
 
     @property
     def novel(self) -> bool:

@@ -7,8 +7,13 @@ novelty, files). This module is its life beside the pipeline:
   ``baseline.learn_s`` seconds of *stream time* (sample counts: a file read
   with ``--fast`` learns as a live microphone does). Each window adds the
   audio it brings (a first window its whole length, then one hop); windows
-  that are silent, clipped or cannot be judged (a dropout), and windows in
-  which the classifier confidently hears a fault, add nothing. The kept
+  that are silent, clipped or cannot be judged (a dropout) add nothing.
+  Usable windows are held back for ``during_learning.confirm_n`` windows
+  before they are learned: if the classifier confirms an anomaly meanwhile,
+  the held windows (which led to it) and every window while it is active are
+  dropped. A window the classifier alone calls a fault, a knock or a beeper
+  it mistakes for one, is learned: excluding such windows would leave the
+  unit's ordinary events out of its normal and make them novel later. The kept
   windows are decimated to at most :data:`MAX_LEARN_WINDOWS`, evenly over
   the period, so a day of learning stays a few megabytes.
 * **Persistence.** The learner is written to ``state_dir`` every
@@ -43,18 +48,18 @@ import numpy.typing as npt
 
 from soundwatch.baseline import (
     CV_BLOCKS,
+    LAYOUT,
     Baseline,
     BaselineError,
     Layout,
     embedding,
     fit,
-    layout_of,
     read_state,
     write_state,
 )
 from soundwatch.bundle import Bundle
 from soundwatch.config import BaselineConfig
-from soundwatch.features import FeatureExtractor
+from soundwatch.features import MAX_CLIPPED_FRACTION, FeatureExtractor, Quality
 from soundwatch.physics import PHYSICS_VERSION
 from soundwatch.stream_types import BaselineVerdict, LearningProgress, NoveltyReading, clock
 from soundwatch.windowing import FeatureWindow
@@ -65,7 +70,7 @@ F32 = npt.NDArray[np.float32]
 
 BASELINE_FILE: Final = "baseline.npz"
 LEARNER_FILE: Final = "baseline-learning.npz"
-LEARNER_FORMAT: Final = "soundwatch-baseline-learning/1"
+LEARNER_FORMAT: Final = "soundwatch-baseline-learning/2"
 #: Stream seconds between checkpoints of the learner (what a crash may cost).
 CHECKPOINT_S: Final = 60.0
 #: Windows kept for the fit: a day at a 1 s hop is decimated to this many.
@@ -203,6 +208,9 @@ class UnitBaseline:
         self._last_end_s: float | None = None
         self._stall_rejects: collections.Counter[str] = collections.Counter()
         self._stall_logged = False
+        # Usable windows wait here until the classifier's confirmation could have
+        # covered them (module docstring): (end_s, embedding, new audio s).
+        self._held: collections.deque[tuple[float, F32, float]] = collections.deque()
         self._baseline = self._load_baseline()
         if self._baseline is None:
             logger.info(
@@ -236,8 +244,9 @@ class UnitBaseline:
     # --- the pipeline's side -----------------------------------------------------------------
 
     def observe(self, window: FeatureWindow, fault: str | None) -> BaselineVerdict:
-        """One window: learn from it or score it. ``fault``: the class the classifier
-        confidently hears in it (it is then not learned), if any.
+        """One window: learn from it or score it. ``fault``: the class of the anomaly the
+        classifier has confirmed and is active at this window, if any (then neither
+        this window nor those held back before it are learned).
 
         Window starts and ends are stream seconds; after a source gap the stream
         time may jump: a window never brings more than its own length.
@@ -247,15 +256,14 @@ class UnitBaseline:
         emb = embedding(features)
         with self._lock:
             if self._layout is None:
-                self._layout = layout_of(features)
-            unusable = _unusable(problem, window.level.silent, window.level.clipping)
+                self._layout = LAYOUT
+            unusable = _unusable(features.quality, window.level.silent)
             if unusable is None:
                 self._recent.append(_Recent(window.index, window.start_s, window.end_s, emb))
             new_s = self._new_audio_s(window.start_s, window.end_s)
             if self._baseline is not None:
                 return self._score(emb, problem)
-            reject = unusable or ("fault" if fault is not None else None)
-            self._learn(window.end_s, emb, new_s, reject)
+            self._learn(window.end_s, emb, new_s, unusable, fault is not None)
             baseline = self._baseline  # set once learning is complete
             if baseline is not None:
                 return self._score(emb, problem)
@@ -281,6 +289,7 @@ class UnitBaseline:
                     raise UnitBaselineError(f"cannot remove {path}: {e}") from e
             self._baseline = None
             self._learner = None
+            self._held.clear()
             self._checkpoint_end_s = None
             self._quiet_since_s = None
             self._stall_rejects.clear()
@@ -399,17 +408,24 @@ class UnitBaseline:
             return length
         return min(length, end_s - prev)
 
-    def _learn(self, end_s: float, emb: F32, new_s: float, reject: str | None) -> None:
+    def _learn(
+        self, end_s: float, emb: F32, new_s: float, unusable: str | None, fault: bool
+    ) -> None:
         learner = self._learner_for()
         if self._quiet_since_s is None or end_s < (self._last_end_s or 0.0):
             self._quiet_since_s = end_s  # a new stream (or a source that restarted its clock)
+            self._held.clear()
         self._last_end_s = end_s
-        if reject is not None:
-            learner.rejected[reject] += 1
-            self._stall_rejects[reject] += 1
-            self._warn_if_stalled()
+        if fault:  # the held windows led to the anomaly: none of them is this unit's normal
+            self._reject("fault", 1 + len(self._held))
+            self._held.clear()
+        elif unusable is not None:
+            self._reject(unusable, 1)
         else:
-            learner.add(emb, new_s)
+            self._held.append((end_s, emb, new_s))
+        while len(self._held) > self.config.during_learning.confirm_n:
+            _, held_emb, held_s = self._held.popleft()
+            learner.add(held_emb, held_s)
             self._quiet_since_s = end_s
             self._stall_rejects.clear()
             if self._stall_logged:
@@ -423,6 +439,12 @@ class UnitBaseline:
         elif end_s - self._checkpoint_end_s >= CHECKPOINT_S or end_s < self._checkpoint_end_s:
             self._checkpoint()
             self._checkpoint_end_s = end_s
+
+    def _reject(self, reason: str, n: int) -> None:
+        assert self._learner is not None
+        self._learner.rejected[reason] += n
+        self._stall_rejects[reason] += n
+        self._warn_if_stalled()
 
     def _learner_for(self) -> Learner:
         if self._learner is None:
@@ -469,7 +491,9 @@ class UnitBaseline:
         if problem is not None:
             return BaselineVerdict(baseline.baseline_id, None)
         n = baseline.novelty(emb)
-        return BaselineVerdict(baseline.baseline_id, NoveltyReading(n.score, n.threshold))
+        return BaselineVerdict(
+            baseline.baseline_id, NoveltyReading(n.score, n.threshold, n.speed_ratio)
+        )
 
     def _checkpoint(self) -> None:
         if self._learner is None:
@@ -552,15 +576,19 @@ class UnitBaseline:
             self._stall_logged = True
 
 
-def _unusable(problem: str | None, silent: bool, clipping: bool) -> str | None:
-    """Why a window cannot be learned from (its audio, not its sound), or ``None``."""
+def _unusable(quality: Quality, silent: bool) -> str | None:
+    """Why a window cannot be learned from (its audio, not its sound), or ``None``.
+
+    The same windows cast no vote once the baseline is learned (they cannot be
+    judged). A window with a few clipped samples (a loud knock, a gain that
+    pumps) is judged, so it is learned too: leaving out what a unit's loud
+    events do to its windows made those events novel later.
+    """
     if silent:
         return "silent"
-    if clipping:
-        return "clipped"
-    if problem is not None:
-        return "dropout"
-    return None
+    if quality.problem is None:
+        return None
+    return "clipped" if quality.clipped_fraction > MAX_CLIPPED_FRACTION else "dropout"
 
 
 # --- offline: a baseline from recordings ------------------------------------------------------
@@ -605,7 +633,7 @@ def clip_embeddings(
         if features.quality.problem is not None:
             skipped += 1
             continue
-        layout = layout or layout_of(features)
+        layout = layout or LAYOUT
         out.append(embedding(features))
     return out, layout, ClipWindows(path, len(out), skipped, clip.duration_s)
 

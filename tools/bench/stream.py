@@ -134,6 +134,7 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
 
     from soundwatch.app import ResampleChain
     from soundwatch.audio import resample
+    from soundwatch.baseline import CV_BLOCKS, LAYOUT, Baseline, embedding, fit
     from soundwatch.bundle import load_bundle
     from soundwatch.features import FeatureExtractor
     from soundwatch.model import Classifier
@@ -181,7 +182,8 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
     t: dict[str, list[float]] = {
         k: [] for k in ("sw_resample", "sw_push", "sw_predict", "s_resample", "s_mfcc")
     }
-    t |= {"s_predict": [], "s_call": []}
+    t |= {"s_predict": [], "s_call": [], "sw_baseline": []}
+    unit: list[Baseline] = []  # the baseline, fitted at the first window
 
     def soundwatch_hop(k: int, record: bool) -> None:
         c0 = k * cap_hop
@@ -194,12 +196,20 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
         for win in windows:
             classifier.predict(win.features)
         t3 = time.perf_counter()
+        for win in windows:
+            emb = embedding(win.features)
+            if not unit:  # a baseline to score against (its content does not change the cost)
+                noise = np.random.default_rng(k).normal(0, 0.1, (3 * CV_BLOCKS, emb.size))
+                unit.append(fit((emb + noise).astype(np.float32), LAYOUT, "bench"))
+            unit[0].novelty(emb)
+        t4 = time.perf_counter()
         if record:
             if len(windows) != 1:
                 raise RuntimeError(f"hop {k}: {len(windows)} windows, expected exactly 1")
             t["sw_resample"].append((t1 - t0) * 1e3)
             t["sw_push"].append((t2 - t1) * 1e3)
             t["sw_predict"].append((t3 - t2) * 1e3)
+            t["sw_baseline"].append((t4 - t3) * 1e3)
 
     def reference_hop(k: int, record: bool) -> None:
         end = (k + 1) * hop  # the window soundwatch completed at this hop ends here
@@ -287,6 +297,16 @@ def _per_hop(ctx: Context) -> tuple[list[Row], np.ndarray, list[int], float]:
             Stat.of(add("sw_resample", "sw_push", "sw_predict")),
             "rows 1 + 3 summed per hop: everything done per 1 s hop from 48 kHz capture to "
             "class probabilities (reference with model.predict)",
+            TARGET_HOP_RATIO,
+        ),
+        Row(
+            "whole hop with the per-unit baseline",
+            "ms",
+            Stat.of(add("s_resample", "s_mfcc", "s_predict")),
+            Stat.of(add("sw_resample", "sw_push", "sw_predict", "sw_baseline")),
+            "the row above plus, for soundwatch, the baseline's embedding (robust spectrum "
+            "and physics) and novelty of the window, on by default; the reference service "
+            "has no baseline",
             TARGET_HOP_RATIO,
         ),
     ]
@@ -446,6 +466,26 @@ def _sustained(ctx: Context, capture: np.ndarray, rates: list[int], hop_s: float
         events = tmp / "ev.jsonl"
         sw_argv = [*cli, "run", "--source", "simulator", "--sink", f"jsonl:{events}"]
         sw_argv += ["--state-dir", str(tmp / "state"), "--bundle", str(fx.bundle_dir)]
+        # The same pipeline on a recording of the same kind of audio, paced at real
+        # time: what the module costs without the simulator rendering audio for it.
+        import soundfile as sf
+
+        recording = tmp / "capture48k.wav"
+        sf.write(recording, capture, CAPTURE_RATE_HZ, subtype="PCM_16")
+        file_config = tmp / "file.yaml"
+        file_config.write_text(
+            f"source: {{type: file, path: {recording}, realtime: true, loop: true}}\n",
+            encoding="utf-8",
+        )
+        file_argv = [
+            *cli,
+            "run",
+            "--config",
+            str(file_config),
+            "--sink",
+            f"jsonl:{tmp / 'ev-file.jsonl'}",
+        ]
+        file_argv += ["--state-dir", str(tmp / "state-file"), "--bundle", str(fx.bundle_dir)]
         reference_argv = [
             ctx.python,
             "-c",
@@ -458,6 +498,8 @@ def _sustained(ctx: Context, capture: np.ndarray, rates: list[int], hop_s: float
         try:
             sw = Proc("soundwatch-run", sw_argv, env, tmp)
             procs.append(sw)
+            from_file = Proc("soundwatch-run-file", file_argv, env, tmp)
+            procs.append(from_file)
             reference = Proc("reference-loop", reference_argv, env, tmp)
             procs.append(reference)
             try:
@@ -486,6 +528,7 @@ def _sustained(ctx: Context, capture: np.ndarray, rates: list[int], hop_s: float
                 print(f"  stream: {p.sampled.error}", file=sys.stderr, flush=True)
     return _sustained_rows(
         sw.sampled,
+        from_file.sampled,
         reference.sampled,
         warmup_s,
         measure_s,
@@ -510,6 +553,7 @@ def _stat_or_none(values: list[float], s: Sampled) -> Stat | None:
 
 def _sustained_rows(
     sw: Sampled,
+    from_file: Sampled,
     reference: Sampled,
     warmup_s: float,
     measure_s: float,
@@ -526,7 +570,7 @@ def _sustained_rows(
     late = [float(parts[1]) for parts in reference_steps if len(parts) == 2]
     failed = "".join(
         f" FAILED: {_summary(s.error)} (stderr tail printed above and in build/bench.json)."
-        for s in (sw, reference)
+        for s in (sw, from_file, reference)
         if s.error
     )
     reference_text = (
@@ -549,6 +593,7 @@ def _sustained_rows(
     )
     extra = {
         "soundwatch": {**sw.__dict__, "mean_cpu_pct": sw.mean_cpu_pct, "events": sw_events},
+        "soundwatch_file": {**from_file.__dict__, "mean_cpu_pct": from_file.mean_cpu_pct},
         "reference": {
             **reference.__dict__,
             "mean_cpu_pct": reference.mean_cpu_pct,
@@ -597,6 +642,26 @@ def _sustained_rows(
             one(sw.peak_rss_mb, sw),
             "VmHWM at the end of the sampling: the highest RSS since the process started, "
             "warm-up included (the simulator renders audio ahead of the stream)",
+            TARGET_RSS,
+        ),
+        Row(
+            "`soundwatch run` from a recording in real time: CPU, % of one core",
+            "%",
+            one(reference.mean_cpu_pct, reference),
+            one(from_file.mean_cpu_pct, from_file),
+            "as the first run row, sampled over the same seconds, with soundwatch reading the "
+            "same kind of simulated capture from a 48 kHz WAV file paced at real time "
+            "(`source: {type: file, realtime: true, loop: true}`): the pipeline "
+            "(resampling, features, inference, the per-unit baseline learning, decisions) "
+            "without the simulator rendering audio in the same process",
+            TARGET_CPU,
+        ),
+        Row(
+            "the same, RSS while streaming from a recording",
+            "MB",
+            _stat_or_none(reference.rss_mb, reference),
+            _stat_or_none(from_file.rss_mb, from_file),
+            f"VmRSS each second, MiB; mean soundwatch {_mean(from_file.rss_mb)}",
             TARGET_RSS,
         ),
     ]

@@ -327,6 +327,11 @@ class BaselineConfig(_Strict):
         le=MAX_ON_THRESHOLD,
         description="the classifier names a novel window's fault at p >= max(its on, this)",
     )
+    name_by_speed: bool = Field(
+        True,
+        description="name a departure by the unit's shaft speed over its learned nominal "
+        "speed too (a voltage change or clogging moves it; imbalance does not)",
+    )
     during_learning: LearningDecisionConfig = LearningDecisionConfig()
 
     @model_validator(mode="after")
@@ -777,6 +782,7 @@ LIVE_KEYS: tuple[str, ...] = (
     "baseline.confirm_n",
     "baseline.off_ratio",
     "baseline.name_on",
+    "baseline.name_by_speed",
     "baseline.during_learning",
 )
 RESTART_ONLY = "takes effect at start-up only: change it in the config file and restart"
