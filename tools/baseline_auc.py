@@ -55,7 +55,7 @@ def unit_aucs(unit: int, snr: float, n_learn: int, n_test: int, work: Path) -> d
     def scores(state: str) -> list[float]:
         out: list[float] = []
         for seed in range(1000, 1000 + n_test):
-            embs, _, _ = clip_embeddings(clip(state, seed), bundle, extractor, 10.0)
+            embs, _ = clip_embeddings(clip(state, seed), bundle, extractor, 10.0)
             out.extend(baseline.novelty(e).score for e in embs)
         return out
 

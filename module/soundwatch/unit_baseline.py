@@ -198,7 +198,6 @@ class UnitBaseline:
         self._lock = threading.RLock()
         self._baseline: Baseline | None = None
         self._learner: Learner | None = None
-        self._layout: Layout | None = None
         self._recent: collections.deque[_Recent] = collections.deque(maxlen=RECENT_WINDOWS)
         self._prev_end_s: float | None = None
         self._checkpoint_end_s: float | None = None
@@ -255,8 +254,6 @@ class UnitBaseline:
         problem = features.quality.problem
         emb = embedding(features)
         with self._lock:
-            if self._layout is None:
-                self._layout = LAYOUT
             unusable = _unusable(features.quality, window.level.silent)
             if unusable is None:
                 self._recent.append(_Recent(window.index, window.start_s, window.end_s, emb))
@@ -448,8 +445,7 @@ class UnitBaseline:
 
     def _learner_for(self) -> Learner:
         if self._learner is None:
-            assert self._layout is not None
-            self._learner = self._load_learner(self._layout)
+            self._learner = self._load_learner(LAYOUT)
         return self._learner
 
     def _complete(self, learner: Learner) -> None:
@@ -607,7 +603,7 @@ class ClipWindows:
 
 def clip_embeddings(
     path: Path, bundle: Bundle, extractor: FeatureExtractor, hop_s: float
-) -> tuple[list[F32], Layout | None, ClipWindows]:
+) -> tuple[list[F32], ClipWindows]:
     """The baseline embeddings of one recording, analysed as ``soundwatch classify`` does.
 
     A clip up to one window long gives one window (a shorter one is looped,
@@ -620,22 +616,20 @@ def clip_embeddings(
     try:
         clip = decode_audio(path, spec.sample_rate_hz, via_rate_hz=spec.train_rate_hz)
     except (AudioError, OSError, ValueError) as e:
-        return [], None, ClipWindows(path, error=str(e))
+        return [], ClipWindows(path, error=str(e))
     samples = clip.samples
     n = extractor.window_samples
     hop = max(1, round(hop_s * spec.sample_rate_hz))
     starts = range(0, samples.shape[0] - n + 1, hop) if samples.shape[0] > n else range(1)
     out: list[F32] = []
-    layout: Layout | None = None
     skipped = 0
     for start in starts:
         features = extractor.analyse(samples[start : start + n])
         if features.quality.problem is not None:
             skipped += 1
             continue
-        layout = layout or LAYOUT
         out.append(embedding(features))
-    return out, layout, ClipWindows(path, len(out), skipped, clip.duration_s)
+    return out, ClipWindows(path, len(out), skipped, clip.duration_s)
 
 
 def learn_from_clips(
@@ -653,14 +647,12 @@ def learn_from_clips(
     """
     extractor = FeatureExtractor(bundle.spec)
     embeddings: list[F32] = []
-    layout: Layout | None = None
     report: list[ClipWindows] = []
     for path in paths:
-        embs, clip_layout, windows = clip_embeddings(path, bundle, extractor, hop_s)
+        embs, windows = clip_embeddings(path, bundle, extractor, hop_s)
         report.append(windows)
-        layout = layout or clip_layout
         embeddings.extend(embs)
-    if layout is None or len(embeddings) < MIN_LEARN_WINDOWS:
+    if len(embeddings) < MIN_LEARN_WINDOWS:
         raise BaselineError(
             f"the clips gave {len(embeddings)} usable windows; a baseline needs at least "
             f"{MIN_LEARN_WINDOWS}: give more or longer clips, or a shorter --hop"
@@ -671,7 +663,7 @@ def learn_from_clips(
         data = data[np.linspace(0, data.shape[0] - 1, MAX_LEARN_WINDOWS).round().astype(int)]
     baseline = fit(
         data,
-        layout,
+        LAYOUT,
         bundle.model_version,
         false_alarm_rate=false_alarm_rate,
         learned_s=seconds,
