@@ -97,5 +97,9 @@ def test_the_speed_ratio_is_against_the_units_own_nominal_speed() -> None:
     window = np.median(data, axis=0)
     window[SHAFT] = 22.0 * 0.8
     assert baseline.novelty(window).speed_ratio == pytest.approx(0.8, abs=0.005)
+    comb = LAYOUT.slices()["physics"].start + PHYSICS_KEYS.index("comb_db")
+    window[comb] -= 20.0  # the comb the speed is read from is gone: noise, not the fan
+    assert baseline.novelty(window).speed_ratio is None
+    window[comb] += 20.0
     window[SHAFT] = 0.0  # not measured
     assert baseline.novelty(window).speed_ratio is None

@@ -92,6 +92,9 @@ TAIL_AT: Final = 1.96
 Z_CAP: Final = 8.0
 #: Dimensions whose departures make the novelty.
 TOP_DIMS: Final = 2
+#: The speed is read only while the blade-pass comb is at most this many scales
+#: weaker than in the unit's normal.
+COMB_TRUSTED_Z: Final = 3.0
 #: Windows kept to refit the baseline (a false alarm joins them); float16.
 MAX_KEPT_WINDOWS: Final = 1200
 #: Time blocks for the out-of-sample scores behind the threshold.
@@ -191,10 +194,19 @@ class Baseline:
         )
 
     def speed_ratio(self, emb: F32) -> float | None:
-        """The window's shaft speed over the unit's learned nominal speed."""
-        i = self.layout.slices()["physics"].start + PHYSICS_KEYS.index("shaft_hz")
+        """The window's shaft speed over the unit's learned nominal speed.
+
+        None when unmeasured, or when the blade-pass comb the speed is read from
+        is far weaker than in the unit's normal (a sound unlike the fan: the
+        "speed" would be a guess).
+        """
+        start = self.layout.slices()["physics"].start
+        i = start + PHYSICS_KEYS.index("shaft_hz")
+        c = start + PHYSICS_KEYS.index("comb_db")
         speed, nominal = float(emb[i]), float(self.center[i])
         if not (speed > 0 and nominal > 0 and math.isfinite(speed)):
+            return None
+        if (float(emb[c]) - self.center[c]) / self.scale[c] < -COMB_TRUSTED_Z:
             return None
         return round(speed / nominal, 4)
 

@@ -313,8 +313,8 @@ class BaselineConfig(_Strict):
         description="share of the unit's normal windows whose novelty lies above the "
         "threshold (per window, before confirmation)",
     )
-    confirm_k: int = Field(12, ge=1, le=1000, description="novel windows that must agree ...")
-    confirm_n: int = Field(15, ge=1, le=1000, description="... out of the last N")
+    confirm_k: int = Field(18, ge=1, le=1000, description="novel windows that must agree ...")
+    confirm_n: int = Field(20, ge=1, le=1000, description="... out of the last N")
     off_ratio: float = Field(
         0.8,
         ge=0.1,
